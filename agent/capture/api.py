@@ -1,0 +1,187 @@
+"""The agent's local HTTP API on 127.0.0.1: apps write and read records here while offline.
+
+    PUT    /v1/collections/{c}/records/{key}   JSON object -> upsert (fields given are written)
+    POST   /v1/collections/{c}/records         JSON object with the key field -> upsert
+    DELETE /v1/collections/{c}/records/{key}   tombstone
+    POST   /v1/collections/{c}/bulk            NDJSON, one record per line ("_op": "delete" to delete);
+                                               all lines are accepted or none is
+    GET    /v1/collections/{c}/records/{key}   the record, or 404
+    GET    /v1/collections/{c}/records?f=v&after=KEY&limit=N   exact-match filters, paged by key
+    GET    /v1/status                          backlog, last contact, last error, clock offset
+
+A 2xx answer to a write means it is fsync'd. Errors are JSON: {"error": rule, "message": ...,
+"errors": [{line, key, field, rule, message}]}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from agent.capture.records import RecordError, RejectedInput, parse_ndjson, record_to_write
+from agent.config import AgentConfig
+from agent.status import read_status
+from agent.store import AgentStore, StoreError, Write, WriteResult
+
+log = logging.getLogger("fieldsync.agent.api")
+MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_PAGE = 1000
+STORE_KEY = web.AppKey("store", AgentStore)
+CONFIG_KEY = web.AppKey("config", AgentConfig)
+
+
+def _error(
+    status: int, rule: str, message: str, errors: list[RecordError] | None = None
+) -> web.Response:
+    body: dict[str, Any] = {"error": rule, "message": message}
+    if errors:
+        body["errors"] = [e.to_json() for e in errors]
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every failure becomes a JSON answer; a traceback goes to the log, never to the client."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _error(e.status, e.reason.lower().replace(" ", "_"), e.text or e.reason)
+    except RejectedInput as e:
+        return _error(422, e.errors[0].rule, str(e), e.errors)
+    except StoreError as e:
+        log.error("write failed: %s", e)
+        return _error(503, "store_unavailable", f"the write was not stored: {e}")
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return _error(500, "internal", "internal error; see the agent log")
+
+
+def _collection(request: web.Request) -> tuple[str, str]:
+    name = request.match_info["collection"]
+    declared = request.app[CONFIG_KEY].collections
+    if name not in declared:
+        known = ", ".join(sorted(declared)) or "none"
+        raise web.HTTPNotFound(text=f"collection {name!r} is not configured (known: {known})")
+    return name, declared[name].key
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except ValueError as e:
+        raise RejectedInput([RecordError(f"body is not valid JSON: {e}", "json")]) from e
+
+
+def _result(result: WriteResult) -> dict[str, Any]:
+    return {"key": result.key, "changed": result.seq is not None, "seq": result.seq}
+
+
+async def _write(request: web.Request, writes: list[Write]) -> list[WriteResult]:
+    return await request.app[STORE_KEY].write(writes)
+
+
+async def put_record(request: web.Request) -> web.Response:
+    collection, key_field = _collection(request)
+    key = request.match_info["key"]
+    write = record_to_write(await _json_body(request), collection, key_field, key=key)
+    if write.op == "upsert":
+        write.fields.setdefault(key_field, key)
+    (result,) = await _write(request, [write])
+    return web.json_response(_result(result))
+
+
+async def post_record(request: web.Request) -> web.Response:
+    collection, key_field = _collection(request)
+    write = record_to_write(await _json_body(request), collection, key_field)
+    (result,) = await _write(request, [write])
+    return web.json_response(_result(result), status=201 if result.seq else 200)
+
+
+async def delete_record(request: web.Request) -> web.Response:
+    collection, _ = _collection(request)
+    key = request.match_info["key"]
+    (result,) = await _write(request, [Write(collection, key, "delete", {})])
+    if result.seq is None:
+        raise web.HTTPNotFound(text=f"record {key!r} does not exist in {collection}")
+    return web.json_response(_result(result))
+
+
+async def bulk(request: web.Request) -> web.Response:
+    collection, key_field = _collection(request)
+    body = await request.read()
+    writes = parse_ndjson(body.splitlines(), collection, key_field, source="request body")
+    results = await _write(request, writes)
+    changed = [r.seq for r in results if r.seq is not None]
+    return web.json_response(
+        {
+            "accepted": len(results),
+            "changed": len(changed),
+            "unchanged": len(results) - len(changed),
+            "first_seq": changed[0] if changed else None,
+            "last_seq": changed[-1] if changed else None,
+        }
+    )
+
+
+async def get_record(request: web.Request) -> web.Response:
+    collection, _ = _collection(request)
+    key = request.match_info["key"]
+    record = await request.app[STORE_KEY].get(collection, key)
+    if record is None:
+        raise web.HTTPNotFound(text=f"no record {key!r} in {collection}")
+    return web.json_response(record)
+
+
+def _query_value(text: str) -> Any:
+    """`?household_size=5` matches the number 5; text that is not JSON matches as a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+async def list_records(request: web.Request) -> web.Response:
+    collection, _ = _collection(request)
+    query = dict(request.query)
+    after = query.pop("after", None)
+    try:
+        limit = int(query.pop("limit", "100"))
+    except ValueError as e:
+        raise web.HTTPBadRequest(text="limit must be an integer") from e
+    if not 1 <= limit <= MAX_PAGE:
+        raise web.HTTPBadRequest(text=f"limit must be between 1 and {MAX_PAGE}")
+    filters = {name: _query_value(value) for name, value in query.items()}
+    try:
+        records = await request.app[STORE_KEY].list(collection, filters, after, limit)
+    except ValueError as e:
+        raise web.HTTPBadRequest(text=str(e)) from e
+    key_field = request.app[CONFIG_KEY].collections[collection].key
+    next_after = str(records[-1].get(key_field)) if len(records) == limit else None
+    return web.json_response({"records": records, "next_after": next_after})
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(await read_status(request.app[STORE_KEY]))
+
+
+def create_app(store: AgentStore, config: AgentConfig) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+    app[STORE_KEY] = store
+    app[CONFIG_KEY] = config
+    base = "/v1/collections/{collection}"
+    app.router.add_put(base + "/records/{key}", put_record)
+    app.router.add_post(base + "/records", post_record)
+    app.router.add_delete(base + "/records/{key}", delete_record)
+    app.router.add_post(base + "/bulk", bulk)
+    app.router.add_get(base + "/records/{key}", get_record)
+    app.router.add_get(base + "/records", list_records)
+    app.router.add_get("/v1/status", status)
+    return app

@@ -1,0 +1,224 @@
+"""`fieldsync-agent`: set up, run and inspect a field agent.
+
+Every command reads the config file (default /etc/fieldsync/agent.toml, or $FIELDSYNC_AGENT_CONFIG)
+and works on the data folder directly, so `put`, `get` and `status` work with or without the daemon.
+Failures print one line naming what to fix and exit non-zero; never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from agent import fieldgen
+from agent.capture.records import RejectedInput, parse_ndjson, record_to_write
+from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_agent_config
+from agent.hqclient import HQError, enroll
+from agent.service import NotInitialised, load_identity, open_agent, run_agent
+from agent.status import read_status
+from agent.store import StoreError, Write
+from protocol.config import ConfigError
+from protocol.identity import NodeIdentity
+from protocol.logfmt import setup_logging
+
+T = TypeVar("T")
+EXPECTED_ERRORS = (ConfigError, NotInitialised, RejectedInput, HQError, StoreError, OSError)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"fieldsync-agent: {message}", err=True)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def friendly_errors() -> Iterator[None]:
+    """Expected failures become one clear line on stderr and a non-zero exit, never a traceback."""
+    try:
+        yield
+    except ConfigError as e:
+        _fail(str(e), 2)
+    except EXPECTED_ERRORS as e:
+        _fail(str(e))
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    with friendly_errors():
+        return asyncio.run(coro)
+    raise AssertionError("unreachable")
+
+
+def _config(path: str | None) -> AgentConfig:
+    try:
+        return load_agent_config(path or DEFAULT_CONFIG_PATH)
+    except ConfigError as e:
+        _fail(str(e), 2)
+        raise
+
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    envvar="FIELDSYNC_AGENT_CONFIG",
+    type=click.Path(dir_okay=False),
+    help=f"Agent config file (default {DEFAULT_CONFIG_PATH}).",
+)
+
+
+def with_config(f: Callable[..., Any]) -> Callable[..., Any]:
+    @config_option
+    @wraps(f)
+    def wrapper(config_path: str | None, **kwargs: Any) -> Any:
+        return f(_config(config_path), **kwargs)
+
+    return wrapper
+
+
+@click.group()
+def main() -> None:
+    """fieldsync field agent: queue changes offline, sync them to HQ when a link exists."""
+
+
+@main.command()
+@with_config
+def init(config: AgentConfig) -> None:
+    """Create the data folder, this node's key (0600) and the local database."""
+    if config.key_path.exists():
+        identity = load_identity(config)
+        click.echo(f"already initialised: node {identity.node_id} ({config.agent.data_dir})")
+        return
+    config.agent.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identity = NodeIdentity.generate()
+    identity.save(config.key_path)
+
+    async def create_db() -> None:
+        async with open_agent(config):
+            pass
+
+    _run(create_db())
+    click.echo(f"initialised node {identity.node_id} in {config.agent.data_dir}")
+
+
+@main.command(name="enroll")
+@with_config
+@click.argument("url")
+@click.argument("token")
+def enroll_command(config: AgentConfig, url: str, token: str) -> None:
+    """Register this node with HQ at URL using a one-time TOKEN from `fieldsync-hq token create`."""
+    with friendly_errors():
+        identity = load_identity(config)
+    name = config.agent.name or socket.gethostname()
+    enrolment = _run(
+        enroll(
+            url, token, identity, name, ca_bundle=config.hq.ca_bundle, timeout_s=config.hq.timeout_s
+        )
+    )
+    enrolment.save(config.enrolment_path)
+    click.echo(f"enrolled node {identity.node_id} as {name!r} with HQ {enrolment.hq_node_id}")
+
+
+@main.command()
+@with_config
+def run(config: AgentConfig) -> None:
+    """Run the agent daemon (local API, batcher, forwarder) until SIGTERM or Ctrl-C."""
+    setup_logging(config.agent.log_level)
+    _run(run_agent(config))
+
+
+@main.command()
+@with_config
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config: AgentConfig, as_json: bool) -> None:
+    """Backlog (changes and bytes), last contact with HQ, last error, HQ clock offset."""
+
+    async def read() -> dict[str, Any]:
+        async with open_agent(config) as agent:
+            return await read_status(agent.store)
+
+    info = _run(read())
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    labels = {
+        "node_id": "node",
+        "backlog_changes": "changes waiting",
+        "backlog_bytes": "bytes waiting",
+        "sealed_batches_waiting": "sealed batches",
+        "acked_changes": "changes delivered",
+        "last_contact": "last contact",
+        "last_error": "last error",
+        "hq_clock_offset_ms": "HQ clock offset (ms)",
+    }
+    for key, label in labels.items():
+        click.echo(f"{label:>22}: {info[key] if info[key] is not None else '-'}")
+
+
+@main.command()
+@with_config
+@click.argument("collection")
+@click.argument("record", required=False)
+@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False), help="NDJSON file.")
+def put(config: AgentConfig, collection: str, record: str | None, path: str | None) -> None:
+    """Write one RECORD (a JSON object) or every line of an NDJSON --file to COLLECTION."""
+    if collection not in config.collections:
+        _fail(f"collection {collection!r} is not configured in [collections]")
+    key_field = config.collections[collection].key
+    writes: list[Write]
+    if path is not None:
+        with friendly_errors(), open(path, "rb") as f:
+            writes = parse_ndjson(f, collection, key_field, source=path)
+    elif record is not None:
+        try:
+            obj = json.loads(record)
+        except ValueError as e:
+            _fail(f"RECORD is not valid JSON: {e}")
+        with friendly_errors():
+            writes = [record_to_write(obj, collection, key_field)]
+    else:
+        _fail("give a RECORD or --file")
+
+    async def write() -> list[Any]:
+        async with open_agent(config) as agent:
+            return await agent.store.write(writes)
+
+    results = _run(write())
+    changed = sum(1 for r in results if r.seq is not None)
+    click.echo(
+        f"stored {len(results)} records ({changed} changed, {len(results) - changed} unchanged)"
+    )
+
+
+@main.command()
+@with_config
+@click.argument("collection")
+@click.argument("key")
+def get(config: AgentConfig, collection: str, key: str) -> None:
+    """Print one record as JSON."""
+
+    async def read() -> dict[str, Any] | None:
+        async with open_agent(config) as agent:
+            return await agent.store.get(collection, key)
+
+    found = _run(read())
+    if found is None:
+        _fail(f"no record {key!r} in {collection}")
+    click.echo(json.dumps(found, indent=2, ensure_ascii=False))
+
+
+@main.command()
+@click.argument("collection", type=click.Choice(["beneficiaries", "distributions"]))
+@click.option("--count", default=1000, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=1, show_default=True, type=int)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def generate(collection: str, count: int, seed: int, out: Path) -> None:
+    """Write COUNT realistic generated field records as NDJSON (seeded, deterministic)."""
+    written = fieldgen.write_ndjson(out, collection, count, seed)
+    click.echo(f"wrote {written} {collection} to {out}")

@@ -1,0 +1,43 @@
+"""What the agent pins about its HQ after enrolment: URL, HQ node id and HQ public key (hq.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from protocol.transport import b64, unb64
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    url: str
+    node_id: str
+    hq_node_id: str
+    hq_public_key: bytes
+
+    def save(self, path: Path) -> None:
+        """Atomic write: temp file, fsync, rename, fsync the folder."""
+        data = asdict(self) | {"hq_public_key": b64(self.hq_public_key)}
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @classmethod
+    def load(cls, path: Path) -> Enrolment:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(
+            url=data["url"],
+            node_id=data["node_id"],
+            hq_node_id=data["hq_node_id"],
+            hq_public_key=unb64(data["hq_public_key"], f"{path}: hq_public_key"),
+        )

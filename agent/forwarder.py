@@ -1,0 +1,132 @@
+"""Forwarder: pushes sealed batches to HQ until acked, pulls HQ's downstream feed.
+
+It deletes nothing until it holds HQ's signed ack covering it, so a crash or a dropped connection at
+any point means a resend, which HQ deduplicates by (node, batch sequence). Failures back off
+exponentially with jitter; a poor link also shrinks the batches sealed next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from agent.backoff import Backoff, wait_any
+from agent.batcher import Batcher
+from agent.hqclient import Gap, HQClient, HQError, RejectedError
+from agent.store import AgentStore
+from protocol.hlc import system_ms
+
+log = logging.getLogger("fieldsync.agent.forwarder")
+MIN_BATCH_LIMIT = 16
+
+
+@dataclass
+class SyncCounters:
+    batches_sent: int = 0
+    changes_acked: int = 0
+    bytes_sent: int = 0
+    changes_pulled: int = 0
+
+
+class Forwarder:
+    def __init__(
+        self,
+        store: AgentStore,
+        client: HQClient,
+        batcher: Batcher,
+        *,
+        backoff: Backoff,
+        pull_interval_s: float,
+        feed_page_size: int,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.batcher = batcher
+        self.backoff = backoff
+        self.pull_interval_s = pull_interval_s
+        self.feed_page_size = feed_page_size
+        self.counters = SyncCounters()
+        self.pull_now = asyncio.Event()
+
+    async def push_all(self) -> int:
+        """Send every sealed batch in order until none is left; returns changes acked."""
+        acked = 0
+        while batches := await self.store.unacked_batches(1):
+            batch = batches[0]
+            answer = await self.client.push(batch.sealed)
+            if isinstance(answer, Gap):
+                raise RejectedError(
+                    f"HQ expects batch {answer.expected} but this node's next unacked batch is "
+                    f"{batch.seq}: HQ has lost acknowledged data (restored from a backup?). "
+                    "Nothing is deleted here; HQ needs an operator."
+                )
+            if answer.acked_through < batch.seq:
+                raise RejectedError(
+                    f"HQ acked through {answer.acked_through} after receiving batch {batch.seq}"
+                )
+            released = await self.store.mark_acked(answer.acked_through)
+            acked += released
+            self.counters.batches_sent += 1
+            self.counters.changes_acked += released
+            self.counters.bytes_sent += len(batch.sealed)
+            self._contact()
+            self.batcher.batch_limit = min(self.batcher.max_changes, self.batcher.batch_limit * 2)
+            self.batcher.acked.set()
+            if not await self.store.unacked_batches(1):
+                # Let the batcher seal what is waiting before deciding we are done.
+                await self.batcher.seal_next()
+        return acked
+
+    async def pull_all(self) -> int:
+        """Apply downstream pages until HQ says there is no more; returns records changed."""
+        applied = 0
+        meta = await self.store.meta()
+        cursor = int(meta["feed_cursor"])
+        while True:
+            page = await self.client.pull(cursor, self.feed_page_size)
+            applied += await self.store.apply_feed(page.changes, page.cursor)
+            self.counters.changes_pulled += len(page.changes)
+            cursor = page.cursor
+            self._contact()
+            if not page.more:
+                return applied
+
+    def _contact(self) -> None:
+        if self.client.clock_offset_ms is not None:
+            self.store.clock.offset_ms = self.client.clock_offset_ms
+
+    async def _record(self, error: str = "") -> None:
+        values: dict[str, object] = {"hq_offset_ms": self.store.clock.offset_ms}
+        if error:
+            values |= {"last_error": error, "last_error_ms": system_ms()}
+        else:
+            values |= {"last_contact_ms": system_ms(), "last_error": ""}
+        await self.store.set_meta(**values)
+
+    async def sync_once(self) -> None:
+        await self.push_all()
+        await self.pull_all()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.batcher.sealed.clear()
+            self.pull_now.clear()
+            try:
+                await self.sync_once()
+            except HQError as e:
+                delay = self.backoff.next_delay()
+                self.batcher.batch_limit = max(MIN_BATCH_LIMIT, self.batcher.batch_limit // 2)
+                log.warning("sync failed (retry in %.1f s): %s", delay, e)
+                await self._record(str(e))
+                await wait_any(delay, stop)
+                continue
+            except Exception as e:
+                delay = self.backoff.next_delay()
+                log.exception("sync failed unexpectedly (retry in %.1f s)", delay)
+                await self._record(f"internal error: {type(e).__name__}: {e}")
+                await wait_any(delay, stop)
+                continue
+            self.backoff.reset()
+            await self._record()
+            await wait_any(self.pull_interval_s, stop, self.batcher.sealed, self.pull_now)

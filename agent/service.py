@@ -1,0 +1,141 @@
+"""The agent daemon: local API, batcher and forwarder in one asyncio process.
+
+SIGTERM/SIGINT set a stop event; shutdown stops capture first (no new writes accepted), then the
+sync loops, then closes the store. State lives only in SQLite, so a kill -9 at any point resumes
+exactly where it stopped: unsent batches are resent byte-identical and HQ deduplicates them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from agent.backoff import Backoff
+from agent.batcher import Batcher
+from agent.capture.api import create_app
+from agent.config import AgentConfig
+from agent.enrolment import Enrolment
+from agent.forwarder import Forwarder
+from agent.hqclient import HQClient
+from agent.store import AgentStore
+from protocol.identity import NodeIdentity
+
+log = logging.getLogger("fieldsync.agent")
+SHUTDOWN_TIMEOUT_S = 20.0
+
+
+class NotInitialised(Exception):
+    """The data folder has no key or no enrolment yet; the message says which command to run."""
+
+
+@dataclass
+class Agent:
+    config: AgentConfig
+    identity: NodeIdentity
+    enrolment: Enrolment | None
+    store: AgentStore
+
+    def batcher(self) -> Batcher:
+        sync = self.config.sync
+        return Batcher(
+            self.store,
+            self.identity,
+            max_changes=sync.batch_max_changes,
+            max_bytes=sync.batch_max_bytes,
+            window=sync.window,
+            zstd_level=sync.zstd_level,
+        )
+
+    def client(self) -> HQClient:
+        if self.enrolment is None:
+            raise NotInitialised(
+                "this agent is not enrolled with HQ: run `fieldsync-agent enroll URL TOKEN`"
+            )
+        return HQClient(
+            self.enrolment,
+            self.identity,
+            url=self.config.hq.url or None,
+            ca_bundle=self.config.hq.ca_bundle,
+            timeout_s=self.config.hq.timeout_s,
+        )
+
+    def forwarder(self, client: HQClient, batcher: Batcher) -> Forwarder:
+        sync = self.config.sync
+        return Forwarder(
+            self.store,
+            client,
+            batcher,
+            backoff=Backoff(sync.backoff_initial_s, sync.backoff_max_s),
+            pull_interval_s=sync.pull_interval_s,
+            feed_page_size=sync.feed_page_size,
+        )
+
+
+def load_identity(config: AgentConfig) -> NodeIdentity:
+    if not config.key_path.exists():
+        raise NotInitialised(f"no node key at {config.key_path}: run `fieldsync-agent init` first")
+    return NodeIdentity.load(config.key_path)
+
+
+@contextlib.asynccontextmanager
+async def open_agent(config: AgentConfig) -> AsyncIterator[Agent]:
+    identity = load_identity(config)
+    enrolment = Enrolment.load(config.enrolment_path) if config.enrolment_path.exists() else None
+    store = await AgentStore.open(config.db_path, identity.node_id)
+    store.clock.max_drift_ms = int(config.sync.max_clock_drift_s * 1000)
+    try:
+        yield Agent(config, identity, enrolment, store)
+    finally:
+        await store.close()
+
+
+async def _serve_api(agent: Agent, stop: asyncio.Event) -> None:
+    host, _, port = agent.config.agent.listen.rpartition(":")
+    runner = web.AppRunner(create_app(agent.store, agent.config), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host.strip("[]"), int(port))
+        await site.start()
+        bound = runner.addresses[0] if runner.addresses else (host, port)
+        print(f"fieldsync-agent listening on http://{bound[0]}:{bound[1]}", flush=True)
+        log.info("local API listening on %s:%s", bound[0], bound[1])
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or `stop` is set); then shut down in order."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    async with open_agent(config) as agent:
+        batcher = agent.batcher()
+        async with agent.client() as client:
+            forwarder = agent.forwarder(client, batcher)
+            sync_stop = asyncio.Event()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(_serve_api(agent, stop))
+                loops = [
+                    tasks.create_task(batcher.run(sync_stop)),
+                    tasks.create_task(forwarder.run(sync_stop)),
+                ]
+                await stop.wait()
+                log.info("stopping: capture closed, draining sync loops")
+                sync_stop.set()
+                try:
+                    async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+                        await asyncio.gather(*loops)
+                except TimeoutError:
+                    log.warning("sync loops did not stop in %.0f s; cancelling", SHUTDOWN_TIMEOUT_S)
+                    for task in loops:
+                        task.cancel()
+    log.info("stopped")

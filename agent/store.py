@@ -1,0 +1,490 @@
+"""The agent's local store: records, outbox and sealed batches in one SQLite file (WAL).
+
+Every accepted write lands in `records` and `outbox` in one transaction, committed with
+`synchronous=FULL` before the caller hears "accepted": an acknowledged write survives a crash or a
+power cut. Concurrent writers share one transaction and one fsync (group commit): whoever holds the
+commit lock takes every write queued so far.
+
+The outbox is the queue to HQ. The batcher seals outbox rows into numbered batches (kept verbatim,
+so a resend is byte-identical) and only HQ's signed ack deletes them. Rows are streamed in bounded
+pages, so memory stays flat however large the backlog grows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import msgpack
+
+from protocol.change import OPS, Change, Op
+from protocol.hlc import HybridClock, physical_ms
+from protocol.merge import RecordState, apply_change
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS records (
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    data TEXT NOT NULL,        -- visible field values, JSON
+    stamps TEXT NOT NULL,      -- per-field [hlc, origin], JSON; '{}' for a tombstone
+    tombstone TEXT,            -- [hlc, origin] of the latest delete, JSON
+    version INTEGER NOT NULL,  -- highest HLC in the record: the parent of the next local write
+    PRIMARY KEY (collection, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,   -- origin sequence: contiguous from 1, never reused
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    op INTEGER NOT NULL,       -- index into protocol.change.OPS
+    fields BLOB NOT NULL,      -- msgpack map of the fields written
+    hlc INTEGER NOT NULL,
+    parent INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY,   -- batch sequence: contiguous from 1
+    first INTEGER NOT NULL,
+    last INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    sealed BLOB NOT NULL,      -- the exact bytes sent, so a resend is identical
+    created_ms INTEGER NOT NULL
+);
+"""
+
+META_DEFAULTS: dict[str, Any] = {
+    "next_change_seq": 1,
+    "next_batch_seq": 1,
+    "sealed_through": 0,
+    "acked_batch": 0,
+    "clock_last": 0,
+    "feed_cursor": 0,
+    "hq_offset_ms": 0,
+    "last_contact_ms": 0,
+    "last_error": "",
+    "last_error_ms": 0,
+    "acked_changes": 0,
+    "sent_bytes": 0,
+}
+IN_CHUNK = 500
+FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+class StoreError(Exception):
+    """A store operation failed; the message names the step."""
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    collection: str
+    key: str
+    op: Op
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    key: str
+    seq: int | None  # origin sequence of the change, None when the write changed nothing
+    hlc: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SealedBatch:
+    seq: int
+    first: int
+    last: int
+    count: int
+    sealed: bytes
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class AgentStore:
+    """One writer connection (all writes), one reader connection (API reads, batcher scans)."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, node_id: str):
+        self._writer = writer
+        self._reader = reader
+        self.node_id = node_id
+        self.clock = HybridClock()
+        self._commit_lock = asyncio.Lock()
+        self._pending: list[tuple[Sequence[Write], asyncio.Future[list[WriteResult]]]] = []
+        self.changed = asyncio.Event()  # set after every commit that queued changes
+
+    @classmethod
+    async def open(cls, path: Path, node_id: str) -> AgentStore:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await writer.execute("PRAGMA journal_mode=WAL")
+            await writer.execute("PRAGMA synchronous=FULL")
+            await writer.execute("PRAGMA busy_timeout=10000")
+            await writer.executescript(SCHEMA)
+            await writer.executemany(
+                "INSERT OR IGNORE INTO meta (k, v) VALUES (?, ?)", META_DEFAULTS.items()
+            )
+            reader = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            await reader.execute("PRAGMA busy_timeout=10000")
+        except BaseException:
+            await writer.close()
+            raise
+        store = cls(writer, reader, node_id)
+        meta = await store.meta()
+        store.clock.observe(int(meta["clock_last"]))
+        store.clock.offset_ms = int(meta["hq_offset_ms"])
+        return store
+
+    async def close(self) -> None:
+        await self._reader.close()
+        await self._writer.close()
+
+    # ---- metadata -------------------------------------------------------------------------
+
+    async def meta(self) -> dict[str, Any]:
+        async with self._reader.execute("SELECT k, v FROM meta") as cursor:
+            return {k: v async for k, v in cursor}
+
+    async def set_meta(self, **values: Any) -> None:
+        async with self._commit_lock:
+            await self._writer.executemany(
+                "INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", values.items()
+            )
+
+    # ---- capture: group-committed writes ----------------------------------------------------
+
+    async def write(self, writes: Sequence[Write]) -> list[WriteResult]:
+        """Durably apply local writes; returns once they are fsync'd. Shares commits with peers."""
+        future: asyncio.Future[list[WriteResult]] = asyncio.get_running_loop().create_future()
+        self._pending.append((writes, future))
+        async with self._commit_lock:
+            if not future.done():
+                group, self._pending = self._pending, []
+                # Shielded: a caller that disconnects must not abort the others' commit.
+                await asyncio.shield(self._commit_group(group))
+        return await future
+
+    async def _commit_group(
+        self, group: list[tuple[Sequence[Write], asyncio.Future[list[WriteResult]]]]
+    ) -> None:
+        try:
+            results = await self._commit_writes([w for writes, _ in group for w in writes])
+        except Exception as e:
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(StoreError(f"commit local writes: {e}"))
+            return
+        offset = 0
+        for writes, future in group:
+            if not future.done():
+                future.set_result(results[offset : offset + len(writes)])
+            offset += len(writes)
+        if any(r.seq is not None for r in results):
+            self.changed.set()
+
+    async def _commit_writes(self, writes: Sequence[Write]) -> list[WriteResult]:
+        db = self._writer
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            meta = {
+                k: v
+                async for k, v in await db.execute(
+                    "SELECT k, v FROM meta WHERE k IN ('next_change_seq', 'clock_last')"
+                )
+            }
+            next_seq = int(meta["next_change_seq"])
+            self.clock.observe(int(meta["clock_last"]))  # the CLI may write beside the daemon
+            states = await _load_states(db, ((w.collection, w.key) for w in writes))
+            dirty: dict[tuple[str, str], RecordState] = {}
+            outbox: list[tuple[Any, ...]] = []
+            results: list[WriteResult] = []
+            for w in writes:
+                state = states.setdefault((w.collection, w.key), RecordState())
+                if w.op == "upsert":
+                    fields = {
+                        name: value
+                        for name, value in w.fields.items()
+                        if name not in state.stamps or state.values.get(name) != value
+                    }
+                    if not fields:
+                        results.append(WriteResult(w.key, None, None))
+                        continue
+                elif not state.alive:
+                    results.append(WriteResult(w.key, None, None))
+                    continue
+                else:
+                    fields = {}
+                hlc = self.clock.now()
+                change = Change(
+                    w.collection, w.key, w.op, fields, hlc, state.version, self.node_id, next_seq
+                )
+                apply_change(state, change)
+                dirty[(w.collection, w.key)] = state
+                outbox.append(
+                    (
+                        next_seq,
+                        w.collection,
+                        w.key,
+                        OPS.index(w.op),
+                        msgpack.packb(fields, use_bin_type=True),
+                        hlc,
+                        change.parent,
+                    )
+                )
+                results.append(WriteResult(w.key, next_seq, hlc))
+                next_seq += 1
+            if outbox:
+                await _save_states(db, dirty)
+                await db.executemany(
+                    "INSERT INTO outbox (seq, collection, key, op, fields, hlc, parent)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    outbox,
+                )
+                await db.executemany(
+                    "UPDATE meta SET v = ? WHERE k = ?",
+                    [(next_seq, "next_change_seq"), (self.clock.last, "clock_last")],
+                )
+            await db.execute("COMMIT")
+            return results
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+
+    # ---- reads for the local API ------------------------------------------------------------
+
+    async def get(self, collection: str, key: str) -> dict[str, Any] | None:
+        async with self._reader.execute(
+            "SELECT data FROM records WHERE collection = ? AND key = ? AND stamps != '{}'",
+            (collection, key),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else json.loads(row[0])
+
+    async def list(
+        self,
+        collection: str,
+        filters: dict[str, Any] | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Live records in key order, `filters` matching field values exactly, paged by key."""
+        sql = ["SELECT data FROM records WHERE collection = ? AND stamps != '{}'"]
+        params: list[Any] = [collection]
+        for name, value in (filters or {}).items():
+            if not FIELD_NAME.match(name):
+                raise ValueError(f"filter field {name!r} is not a valid field name")
+            sql.append("AND json_extract(data, ?) IS json_extract(?, '$')")
+            params += [f'$."{name}"', _dumps(value)]
+        if after is not None:
+            sql.append("AND key > ?")
+            params.append(after)
+        sql.append("ORDER BY key LIMIT ?")
+        params.append(limit)
+        async with self._reader.execute(" ".join(sql), params) as cursor:
+            return [json.loads(row[0]) async for row in cursor]
+
+    async def count(self, collection: str) -> int:
+        async with self._reader.execute(
+            "SELECT count(*) FROM records WHERE collection = ? AND stamps != '{}'", (collection,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    # ---- batcher ------------------------------------------------------------------------------
+
+    async def unsealed_changes(self, max_changes: int, max_bytes: int) -> list[Change]:
+        """The next outbox changes not yet in a batch, in order, bounded in count and bytes."""
+        meta = await self.meta()
+        rows: list[Change] = []
+        size = 0
+        async with self._reader.execute(
+            "SELECT seq, collection, key, op, fields, hlc, parent FROM outbox"
+            " WHERE seq > ? ORDER BY seq LIMIT ?",
+            (int(meta["sealed_through"]), max_changes),
+        ) as cursor:
+            async for seq, collection, key, op, fields, hlc, parent in cursor:
+                size += len(fields) + len(key) + 24
+                if rows and size > max_bytes:
+                    break
+                rows.append(
+                    Change(
+                        collection,
+                        key,
+                        OPS[op],
+                        msgpack.unpackb(fields, raw=False),
+                        hlc,
+                        parent,
+                        self.node_id,
+                        seq,
+                    )
+                )
+        return rows
+
+    async def add_batch(self, batch: SealedBatch, created_ms: int) -> None:
+        """Record a sealed batch and advance `sealed_through`, atomically."""
+        async with self._commit_lock:
+            db = self._writer
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                async with db.execute("SELECT v FROM meta WHERE k = 'next_batch_seq'") as cursor:
+                    row = await cursor.fetchone()
+                if row is None or int(row[0]) != batch.seq:
+                    raise StoreError(f"batch {batch.seq} is not the next batch ({row})")
+                await db.execute(
+                    "INSERT INTO batches (seq, first, last, count, sealed, created_ms)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (batch.seq, batch.first, batch.last, batch.count, batch.sealed, created_ms),
+                )
+                await db.executemany(
+                    "UPDATE meta SET v = ? WHERE k = ?",
+                    [(batch.seq + 1, "next_batch_seq"), (batch.last, "sealed_through")],
+                )
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+
+    async def unacked_batches(self, limit: int) -> list[SealedBatch]:
+        async with self._reader.execute(
+            "SELECT seq, first, last, count, sealed FROM batches ORDER BY seq LIMIT ?", (limit,)
+        ) as cursor:
+            return [SealedBatch(*row) async for row in cursor]
+
+    async def mark_acked(self, acked_through: int) -> int:
+        """Forget batches (and their outbox rows) that HQ's ack covers; idempotent.
+
+        Returns the number of changes released.
+        """
+        async with self._commit_lock:
+            db = self._writer
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                async with db.execute(
+                    "SELECT max(last), coalesce(sum(count), 0), coalesce(sum(length(sealed)), 0)"
+                    " FROM batches WHERE seq <= ?",
+                    (acked_through,),
+                ) as cursor:
+                    row = await cursor.fetchone()
+                last, count, size = row or (None, 0, 0)
+                if last is not None:
+                    await db.execute("DELETE FROM outbox WHERE seq <= ?", (last,))
+                    await db.execute("DELETE FROM batches WHERE seq <= ?", (acked_through,))
+                await db.execute(
+                    "UPDATE meta SET v = max(v, ?) WHERE k = 'acked_batch'", (acked_through,)
+                )
+                await db.execute("UPDATE meta SET v = v + ? WHERE k = 'acked_changes'", (count,))
+                await db.execute("UPDATE meta SET v = v + ? WHERE k = 'sent_bytes'", (size,))
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        return int(count)
+
+    # ---- downstream --------------------------------------------------------------------------
+
+    async def apply_feed(self, changes: Sequence[Change], cursor: int) -> int:
+        """Merge HQ's downstream changes and advance the feed cursor in one transaction."""
+        async with self._commit_lock:
+            db = self._writer
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                states = await _load_states(db, ((c.collection, c.key) for c in changes))
+                dirty: dict[tuple[str, str], RecordState] = {}
+                for change in changes:
+                    if change.origin == self.node_id:
+                        continue
+                    state = states.setdefault((change.collection, change.key), RecordState())
+                    apply_change(state, change)
+                    dirty[(change.collection, change.key)] = state
+                    # A timestamp from a clock far ahead still merges (replicas must converge) but
+                    # must not drag this clock into the future with it.
+                    ahead = physical_ms(change.hlc) - self.clock.physical()
+                    if ahead <= self.clock.max_drift_ms:
+                        self.clock.observe(change.hlc)
+                await _save_states(db, dirty)
+                await db.executemany(
+                    "UPDATE meta SET v = ? WHERE k = ?",
+                    [(cursor, "feed_cursor"), (self.clock.last, "clock_last")],
+                )
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        return len(dirty)
+
+    # ---- status ------------------------------------------------------------------------------
+
+    async def backlog(self) -> dict[str, int]:
+        """Changes not yet acked by HQ and their stored size; sealed batches waiting and theirs."""
+        async with self._reader.execute(
+            "SELECT (SELECT count(*) FROM outbox),"
+            " (SELECT coalesce(sum(length(fields) + length(key)), 0) FROM outbox),"
+            " (SELECT count(*) FROM batches),"
+            " (SELECT coalesce(sum(length(sealed)), 0) FROM batches)"
+        ) as cursor:
+            row = await cursor.fetchone()
+        assert row is not None
+        names = ("changes", "bytes", "batches", "batch_bytes")
+        return {name: int(value) for name, value in zip(names, row, strict=True)}
+
+
+async def _load_states(
+    db: aiosqlite.Connection, keys: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], RecordState]:
+    """Current state of the given records, read with one query per collection and chunk."""
+    by_collection: dict[str, set[str]] = {}
+    for collection, key in keys:
+        by_collection.setdefault(collection, set()).add(key)
+    states: dict[tuple[str, str], RecordState] = {}
+    for collection, key_set in by_collection.items():
+        ordered = list(key_set)
+        for i in range(0, len(ordered), IN_CHUNK):
+            chunk = ordered[i : i + IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            async with db.execute(
+                f"SELECT key, data, stamps, tombstone FROM records"
+                f" WHERE collection = ? AND key IN ({marks})",
+                [collection, *chunk],
+            ) as cursor:
+                async for key, data, stamps, tombstone in cursor:
+                    states[(collection, key)] = RecordState.from_storage(
+                        json.loads(data),
+                        json.loads(stamps),
+                        json.loads(tombstone) if tombstone else None,
+                    )
+    return states
+
+
+async def _save_states(
+    db: aiosqlite.Connection, states: dict[tuple[str, str], RecordState]
+) -> None:
+    rows = []
+    for (collection, key), state in states.items():
+        values, stamps, tombstone = state.to_storage()
+        rows.append(
+            (
+                collection,
+                key,
+                _dumps(values),
+                _dumps(stamps),
+                None if tombstone is None else _dumps(tombstone),
+                state.version,
+            )
+        )
+    await db.executemany(
+        "INSERT OR REPLACE INTO records (collection, key, data, stamps, tombstone, version)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+
+
+def is_sqlite_full(error: BaseException) -> bool:
+    return isinstance(error, sqlite3.OperationalError) and "full" in str(error).lower()

@@ -1,0 +1,105 @@
+"""The HTTP contract between agent and HQ: paths, headers, signed requests, acks and feed pages.
+
+Both sides import this module, so a path or a header name is written once.
+
+- `POST /v1/batches`   body: a sealed CHANGES message. 200 + sealed ACK; 409 + JSON
+  {"error": "gap", "expected": N} on a sequence gap; 4xx + JSON {"error": code, "message": ...}.
+- `GET /v1/changes?cursor=N&limit=M`  signed request (headers below). 200 + sealed FEED signed by HQ,
+  header extras {"cursor": next cursor, "more": bool}.
+- `POST /v1/enroll`    JSON {"token", "public_key" (base64), "name"} -> JSON {"node_id",
+  "hq_node_id", "hq_public_key" (base64), "hq_time"}.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.errors import BadSignature, ClockDrift, CorruptMessage
+from protocol.identity import NodeIdentity, verify
+
+BATCHES_PATH = "/v1/batches"
+CHANGES_PATH = "/v1/changes"
+ENROLL_PATH = "/v1/enroll"
+SEALED_CONTENT_TYPE = "application/x-fieldsync-sealed"
+HEADER_NODE = "X-Fieldsync-Node"
+HEADER_TIME = "X-Fieldsync-Time"
+HEADER_SIGNATURE = "X-Fieldsync-Signature"
+REQUEST_WINDOW_MS = 15 * 60 * 1000
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as e:
+        raise CorruptMessage(f"{what}: not valid base64") from e
+
+
+def _request_bytes(method: str, path_qs: str, time_ms: int) -> bytes:
+    return f"fieldsync-request-v1\n{method.upper()}\n{path_qs}\n{time_ms}".encode()
+
+
+def sign_request(identity: NodeIdentity, method: str, path_qs: str, time_ms: int) -> dict[str, str]:
+    """Headers that authenticate a body-less request (the sealed body authenticates a POST)."""
+    signature = identity.sign(_request_bytes(method, path_qs, time_ms))
+    return {
+        HEADER_NODE: identity.node_id,
+        HEADER_TIME: str(time_ms),
+        HEADER_SIGNATURE: b64(signature),
+    }
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    node_id: str
+    time_ms: int
+    signature: bytes
+
+
+def parse_signed_request(headers: Any) -> SignedRequest:
+    try:
+        node_id = headers[HEADER_NODE]
+        time_ms = int(headers[HEADER_TIME])
+        signature = unb64(headers[HEADER_SIGNATURE], HEADER_SIGNATURE)
+    except (KeyError, ValueError) as e:
+        raise BadSignature(
+            f"request must carry {HEADER_NODE}, {HEADER_TIME} and {HEADER_SIGNATURE} headers"
+        ) from e
+    return SignedRequest(node_id, time_ms, signature)
+
+
+def verify_request(
+    request: SignedRequest, public_key: bytes, method: str, path_qs: str, now_ms: int
+) -> None:
+    """Check a signed request's signature and that its time is within the replay window."""
+    if abs(now_ms - request.time_ms) > REQUEST_WINDOW_MS:
+        raise ClockDrift(
+            f"request time is {(request.time_ms - now_ms) // 1000} s from HQ's clock "
+            f"(limit {REQUEST_WINDOW_MS // 1000} s); fix the node's clock"
+        )
+    verify(public_key, request.signature, _request_bytes(method, path_qs, request.time_ms))
+
+
+def ack_body(node_id: str, acked_through: int, hq_time_ms: int) -> dict[str, Any]:
+    return {"node": node_id, "acked_through": acked_through, "hq_time": hq_time_ms}
+
+
+@dataclass(frozen=True)
+class Ack:
+    node_id: str
+    acked_through: int
+    hq_time_ms: int
+
+
+def parse_ack(body: Any) -> Ack:
+    if not isinstance(body, dict):
+        raise CorruptMessage("ack: expected a map")
+    node, through, hq_time = body.get("node"), body.get("acked_through"), body.get("hq_time")
+    if not isinstance(node, str) or not isinstance(through, int) or not isinstance(hq_time, int):
+        raise CorruptMessage("ack: needs node (str), acked_through (int), hq_time (int)")
+    return Ack(node, through, hq_time)
