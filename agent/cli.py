@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from agent import fieldgen
-from agent.capture.records import RejectedInput, parse_ndjson, record_to_write
+from agent.capture.records import RejectedInput, loads_record, parse_ndjson, record_to_write
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_agent_config
 from agent.hqclient import HQError, enroll
 from agent.service import NotInitialised, load_identity, open_agent, run_agent
@@ -177,7 +177,7 @@ def put(config: AgentConfig, collection: str, record: str | None, path: str | No
             writes = parse_ndjson(f, collection, key_field, source=path)
     elif record is not None:
         try:
-            obj = json.loads(record)
+            obj = loads_record(record)
         except ValueError as e:
             _fail(f"RECORD is not valid JSON: {e}")
         with friendly_errors():

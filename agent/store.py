@@ -13,7 +13,6 @@ pages, so memory stays flat however large the backlog grows.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -23,22 +22,23 @@ from typing import Any
 
 import aiosqlite
 import msgpack
+import orjson
 
 from protocol.change import OPS, Change, Op
 from protocol.hlc import HybridClock, physical_ms
-from protocol.merge import RecordState, apply_change
+from protocol.merge import NO_STAMP, RecordState, apply_change
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS records (
     collection TEXT NOT NULL,
     key TEXT NOT NULL,
-    data TEXT NOT NULL,        -- visible field values, JSON
-    stamps TEXT NOT NULL,      -- per-field [hlc, origin], JSON; '{}' for a tombstone
-    tombstone TEXT,            -- [hlc, origin] of the latest delete, JSON
+    data TEXT NOT NULL,        -- visible field values, JSON (queryable with json_extract)
+    stamps BLOB NOT NULL,      -- msgpack [{field: [hlc, origin]}, tombstone [hlc, origin] or nil]
+    alive INTEGER NOT NULL,    -- 0 for a tombstone
     version INTEGER NOT NULL,  -- highest HLC in the record: the parent of the next local write
-    PRIMARY KEY (collection, key)
-) WITHOUT ROWID;
+    UNIQUE (collection, key)
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY,   -- origin sequence: contiguous from 1, never reused
     collection TEXT NOT NULL,
@@ -102,10 +102,6 @@ class SealedBatch:
     last: int
     count: int
     sealed: bytes
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 class AgentStore:
@@ -207,26 +203,37 @@ class AgentStore:
             outbox: list[tuple[Any, ...]] = []
             results: list[WriteResult] = []
             for w in writes:
-                state = states.setdefault((w.collection, w.key), RecordState())
-                if w.op == "upsert":
-                    fields = {
-                        name: value
-                        for name, value in w.fields.items()
-                        if name not in state.stamps or state.values.get(name) != value
-                    }
-                    if not fields:
+                state = states.get((w.collection, w.key))
+                if state is None and w.op == "upsert":
+                    # New record, the common case of field capture: every field is written.
+                    hlc = self.clock.now()
+                    stamp = (hlc, self.node_id)
+                    fields = w.fields
+                    state = RecordState(dict(fields), dict.fromkeys(fields, stamp))
+                    parent = 0
+                else:
+                    state = state or RecordState()
+                    if w.op == "upsert":
+                        fields = {
+                            name: value
+                            for name, value in w.fields.items()
+                            if name not in state.stamps or state.values[name] != value
+                        }
+                        if not fields:
+                            results.append(WriteResult(w.key, None, None))
+                            continue
+                    elif not state.alive:
                         results.append(WriteResult(w.key, None, None))
                         continue
-                elif not state.alive:
-                    results.append(WriteResult(w.key, None, None))
-                    continue
-                else:
-                    fields = {}
-                hlc = self.clock.now()
-                change = Change(
-                    w.collection, w.key, w.op, fields, hlc, state.version, self.node_id, next_seq
-                )
-                apply_change(state, change)
+                    else:
+                        fields = {}
+                    hlc = self.clock.now()
+                    parent = state.version
+                    apply_change(
+                        state,
+                        Change(w.collection, w.key, w.op, fields, hlc, parent, self.node_id, 0),
+                    )
+                states[(w.collection, w.key)] = state
                 dirty[(w.collection, w.key)] = state
                 outbox.append(
                     (
@@ -236,7 +243,7 @@ class AgentStore:
                         OPS.index(w.op),
                         msgpack.packb(fields, use_bin_type=True),
                         hlc,
-                        change.parent,
+                        parent,
                     )
                 )
                 results.append(WriteResult(w.key, next_seq, hlc))
@@ -262,11 +269,11 @@ class AgentStore:
 
     async def get(self, collection: str, key: str) -> dict[str, Any] | None:
         async with self._reader.execute(
-            "SELECT data FROM records WHERE collection = ? AND key = ? AND stamps != '{}'",
+            "SELECT data FROM records WHERE collection = ? AND key = ? AND alive",
             (collection, key),
         ) as cursor:
             row = await cursor.fetchone()
-        return None if row is None else json.loads(row[0])
+        return None if row is None else orjson.loads(row[0])
 
     async def list(
         self,
@@ -276,24 +283,24 @@ class AgentStore:
         limit: int = 100,
     ) -> list[dict[str, Any]]:
         """Live records in key order, `filters` matching field values exactly, paged by key."""
-        sql = ["SELECT data FROM records WHERE collection = ? AND stamps != '{}'"]
+        sql = ["SELECT data FROM records WHERE collection = ? AND alive"]
         params: list[Any] = [collection]
         for name, value in (filters or {}).items():
             if not FIELD_NAME.match(name):
                 raise ValueError(f"filter field {name!r} is not a valid field name")
             sql.append("AND json_extract(data, ?) IS json_extract(?, '$')")
-            params += [f'$."{name}"', _dumps(value)]
+            params += [f'$."{name}"', orjson.dumps(value).decode()]
         if after is not None:
             sql.append("AND key > ?")
             params.append(after)
         sql.append("ORDER BY key LIMIT ?")
         params.append(limit)
         async with self._reader.execute(" ".join(sql), params) as cursor:
-            return [json.loads(row[0]) async for row in cursor]
+            return [orjson.loads(row[0]) async for row in cursor]
 
     async def count(self, collection: str) -> int:
         async with self._reader.execute(
-            "SELECT count(*) FROM records WHERE collection = ? AND stamps != '{}'", (collection,)
+            "SELECT count(*) FROM records WHERE collection = ? AND alive", (collection,)
         ) as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
@@ -450,38 +457,47 @@ async def _load_states(
             chunk = ordered[i : i + IN_CHUNK]
             marks = ",".join("?" * len(chunk))
             async with db.execute(
-                f"SELECT key, data, stamps, tombstone FROM records"
-                f" WHERE collection = ? AND key IN ({marks})",
+                f"SELECT key, data, stamps FROM records WHERE collection = ? AND key IN ({marks})",
                 [collection, *chunk],
             ) as cursor:
-                async for key, data, stamps, tombstone in cursor:
-                    states[(collection, key)] = RecordState.from_storage(
-                        json.loads(data),
-                        json.loads(stamps),
-                        json.loads(tombstone) if tombstone else None,
-                    )
+                async for key, data, stamps in cursor:
+                    states[(collection, key)] = _unpack_state(data, stamps)
     return states
+
+
+def _pack_state(state: RecordState) -> tuple[str, bytes, bool, int]:
+    """(data JSON, stamps blob, alive, version) for the records table.
+
+    Stamps are stored as [top stamp, {field: stamp} for fields whose stamp differs, tombstone]:
+    most fields of a record share the stamp of its last write, so this stays small.
+    """
+    top = max(state.stamps.values()) if state.stamps else None
+    others = {name: stamp for name, stamp in state.stamps.items() if stamp != top}
+    tombstone = None if state.tombstone == NO_STAMP else state.tombstone
+    stamps = msgpack.packb([top, others, tombstone], use_bin_type=True)
+    version = top[0] if top is not None else state.tombstone[0]
+    return orjson.dumps(state.values).decode(), stamps, bool(state.stamps), version
+
+
+def _unpack_state(data: str, stamps: bytes) -> RecordState:
+    values = orjson.loads(data)
+    top, others, tombstone = msgpack.unpackb(stamps, raw=False, use_list=False)
+    return RecordState(
+        values,
+        {name: others.get(name, top) for name in values},
+        tombstone if tombstone is not None else NO_STAMP,
+    )
 
 
 async def _save_states(
     db: aiosqlite.Connection, states: dict[tuple[str, str], RecordState]
 ) -> None:
-    rows = []
-    for (collection, key), state in states.items():
-        values, stamps, tombstone = state.to_storage()
-        rows.append(
-            (
-                collection,
-                key,
-                _dumps(values),
-                _dumps(stamps),
-                None if tombstone is None else _dumps(tombstone),
-                state.version,
-            )
-        )
+    rows = [(c, k, *_pack_state(state)) for (c, k), state in states.items()]
     await db.executemany(
-        "INSERT OR REPLACE INTO records (collection, key, data, stamps, tombstone, version)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO records (collection, key, data, stamps, alive, version)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, key) DO UPDATE SET"
+        " data = excluded.data, stamps = excluded.stamps, alive = excluded.alive,"
+        " version = excluded.version",
         rows,
     )
 

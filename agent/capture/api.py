@@ -22,7 +22,13 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.capture.records import RecordError, RejectedInput, parse_ndjson, record_to_write
+from agent.capture.records import (
+    RecordError,
+    RejectedInput,
+    loads_record,
+    parse_ndjson,
+    record_to_write,
+)
 from agent.config import AgentConfig
 from agent.status import read_status
 from agent.store import AgentStore, StoreError, Write, WriteResult
@@ -75,7 +81,7 @@ def _collection(request: web.Request) -> tuple[str, str]:
 
 async def _json_body(request: web.Request) -> Any:
     try:
-        return json.loads(await request.read())
+        return loads_record(await request.read())
     except ValueError as e:
         raise RejectedInput([RecordError(f"body is not valid JSON: {e}", "json")]) from e
 
