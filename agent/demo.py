@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -38,32 +39,45 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else name
 
 
-class Demo:
-    def __init__(self, root: Path, count: int) -> None:
+class LocalDeployment:
+    """HQ and one agent as real processes on 127.0.0.1, in one folder: used by `make run`, the
+    benchmarks and the end-to-end tests, so all three exercise exactly what an operator runs."""
+
+    def __init__(self, root: Path, *, sync: dict[str, Any] | None = None) -> None:
         self.root = root
-        self.count = count
         self.hq_port = _free_port()
         self.api_port = _free_port()
         self.hq_config = root / "hq.toml"
         self.agent_config = root / "agent.toml"
+        self.hq_proc: subprocess.Popen[str] | None = None
+        self.agent_proc: subprocess.Popen[str] | None = None
         self.procs: list[subprocess.Popen[str]] = []
+        self.sync = {
+            "backoff_initial_s": 0.5,
+            "backoff_max_s": 2.0,
+            "pull_interval_s": 1.0,
+            **(sync or {}),
+        }
+        self._write_configs()
 
-    def say(self, text: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-    def write_configs(self) -> None:
-        self.root.mkdir(parents=True)
+    def _write_configs(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
         self.hq_config.write_text(
             f'[hq]\ndata_dir = "{(self.root / "hq").resolve()}"\n'
             f'listen = "127.0.0.1:{self.hq_port}"\nlog_level = "warning"\n'
         )
+        sync = "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.sync.items())
         self.agent_config.write_text(
-            f'[agent]\ndata_dir = "{(self.root / "agent").resolve()}"\nname = "demo-field-office"\n'
+            f'[agent]\ndata_dir = "{(self.root / "agent").resolve()}"\nname = "field-office-1"\n'
             f'listen = "127.0.0.1:{self.api_port}"\nlog_level = "error"\n\n'
-            "[sync]\nbackoff_initial_s = 0.5\nbackoff_max_s = 2.0\npull_interval_s = 1.0\n\n"
+            f"[sync]\n{sync}\n"
             '[collections.beneficiaries]\nkey = "beneficiary_id"\n\n'
             '[collections.distributions]\nkey = "distribution_id"\n'
         )
+
+    @property
+    def hq_url(self) -> str:
+        return f"http://127.0.0.1:{self.hq_port}"
 
     def run_cli(self, *args: str) -> str:
         done = subprocess.run(args, capture_output=True, text=True, check=False)
@@ -71,23 +85,78 @@ class Demo:
             raise RuntimeError(f"{' '.join(args[:3])} failed: {done.stderr.strip()}")
         return done.stdout.strip()
 
-    def start(self, args: list[str], ready: str) -> subprocess.Popen[str]:
+    def start(self, args: list[str], ready: str, timeout_s: float = 30) -> subprocess.Popen[str]:
+        """Start a daemon and wait for the line on stdout that says it is serving."""
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=None, text=True)
         self.procs.append(proc)
         assert proc.stdout is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([proc.stdout], [], [], left)[0]:
+                break
             line = proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"{args[0]} exited before it was ready")
+                raise RuntimeError(f"{' '.join(args[:2])} exited (status {proc.wait()})")
             if ready in line:
                 return proc
-        raise RuntimeError(f"{args[0]} did not become ready in 30 s")
+        raise RuntimeError(f"{' '.join(args[:2])} did not become ready in {timeout_s:.0f} s")
 
     def start_hq(self) -> subprocess.Popen[str]:
-        return self.start(
+        self.hq_proc = self.start(
             [_bin("fieldsync-hq"), "serve", "--config", str(self.hq_config)], "listening on"
         )
+        return self.hq_proc
+
+    def start_agent(self) -> subprocess.Popen[str]:
+        self.agent_proc = self.start(
+            [_bin("fieldsync-agent"), "run", "--config", str(self.agent_config)], "listening on"
+        )
+        return self.agent_proc
+
+    def enroll(self) -> str:
+        """Initialise the agent and enrol it with HQ (started for the purpose if it is down)."""
+        started_here = self.hq_proc is None
+        if started_here:
+            self.start_hq()
+        token = self.run_cli(
+            _bin("fieldsync-hq"),
+            "token",
+            "create",
+            "--config",
+            str(self.hq_config),
+            "--node",
+            "field-office-1",
+        )
+        agent_cli = _bin("fieldsync-agent")
+        lines = [
+            self.run_cli(agent_cli, "init", "--config", str(self.agent_config)),
+            self.run_cli(
+                agent_cli, "enroll", "--config", str(self.agent_config), self.hq_url, token
+            ),
+        ]
+        if started_here and self.hq_proc is not None:
+            self.stop(self.hq_proc)
+        return "\n".join(lines)
+
+    def kill(self, proc: subprocess.Popen[str]) -> None:
+        """SIGKILL: no cleanup, no flush; what a power cut or the OOM killer does."""
+        proc.kill()
+        proc.wait()
+        self._forget(proc)
+
+    def _forget(self, proc: subprocess.Popen[str]) -> None:
+        if proc in self.procs:
+            self.procs.remove(proc)
+        if proc is self.hq_proc:
+            self.hq_proc = None
+        if proc is self.agent_proc:
+            self.agent_proc = None
+
+    def peak_rss_mb(self, proc: subprocess.Popen[str]) -> float:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
 
     def stop(self, proc: subprocess.Popen[str]) -> None:
         if proc.poll() is None:
@@ -97,8 +166,7 @@ class Demo:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc in self.procs:
-            self.procs.remove(proc)
+        self._forget(proc)
 
     def api(self, method: str, path: str, body: bytes | None = None) -> Any:
         request = urllib.request.Request(
@@ -116,6 +184,32 @@ class Demo:
         )
         return int(out.split()[0])
 
+    def wait_drained(self, timeout_s: float = 600) -> dict[str, Any]:
+        """Poll the agent until its backlog is empty; returns the final status."""
+        deadline = time.monotonic() + timeout_s
+        while (state := self.status())["backlog_changes"] > 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"backlog did not drain in {timeout_s:.0f} s: {state}")
+            time.sleep(0.1)
+        return state
+
+    def shutdown(self) -> None:
+        for proc in list(reversed(self.procs)):
+            self.stop(proc)
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+class Demo:
+    """The `make run` story on top of a LocalDeployment."""
+
+    def __init__(self, root: Path, count: int) -> None:
+        self.deployment = LocalDeployment(root)
+        self.root = root
+        self.count = count
+
     def capture(self) -> tuple[int, int, float]:
         """Post generated records to the agent's local API; returns (records, JSON+gzip bytes, s)."""
         half = self.count // 2
@@ -128,55 +222,34 @@ class Demo:
                     fieldgen.records(collection, min(BULK_LINES, count - start), start=start)
                 )
                 body = b"\n".join(json.dumps(r).encode() for r in records)
-                self.api("POST", f"/v1/collections/{collection}/bulk", body)
+                self.deployment.api("POST", f"/v1/collections/{collection}/bulk", body)
                 gzip_bytes += len(gzip.compress(json.dumps(records).encode(), compresslevel=6))
                 total += len(records)
         return total, gzip_bytes, time.monotonic() - started
 
     def run(self) -> None:
-        self.say(f"fresh demo folder {self.root}/ (HQ on port {self.hq_port})")
-        self.write_configs()
-        hq = self.start_hq()
-        token = self.run_cli(
-            _bin("fieldsync-hq"),
-            "token",
-            "create",
-            "--config",
-            str(self.hq_config),
-            "--node",
-            "demo-field-office",
-        )
-        agent_cli = [_bin("fieldsync-agent")]
-        self.say(self.run_cli(*agent_cli, "init", "--config", str(self.agent_config)))
-        self.say(
-            self.run_cli(
-                *agent_cli,
-                "enroll",
-                "--config",
-                str(self.agent_config),
-                f"http://127.0.0.1:{self.hq_port}",
-                token,
-            )
-        )
-        self.stop(hq)
-        self.say("HQ is now unreachable: the field office works offline")
-        self.start([*agent_cli, "run", "--config", str(self.agent_config)], "listening on")
+        d = self.deployment
+        say(f"fresh demo folder {self.root}/; HQ will listen on {d.hq_url}")
+        d.start_hq()
+        for line in d.enroll().splitlines():
+            say(line)
+        assert d.hq_proc is not None
+        d.stop(d.hq_proc)
+        say("HQ is now unreachable: the field office works offline")
+        d.start_agent()
         records, gzip_bytes, capture_s = self.capture()
-        queued = self.status()
-        self.say(
+        queued = d.status()
+        say(
             f"captured {records:,} records in {capture_s:.1f} s through the local API; "
-            f"{queued['backlog_changes']:,} changes queued ({queued['backlog_bytes'] / 1e6:.1f} MB), "
-            f"last error: {queued['last_error']}"
+            f"{queued['backlog_changes']:,} changes queued ({queued['backlog_bytes'] / 1e6:.1f} MB)"
         )
-        self.say("HQ is back: syncing")
-        self.start_hq()
+        say(f"agent's last error: {queued['last_error']}")
+        say("HQ is back: syncing")
+        d.start_hq()
         started = time.monotonic()
-        while (state := self.status())["backlog_changes"] > 0:
-            if time.monotonic() - started > 600:
-                raise RuntimeError(f"backlog did not drain in 10 minutes: {state}")
-            time.sleep(0.2)
+        state = d.wait_drained()
         sync_s = time.monotonic() - started
-        at_hq = {c: self.hq_count(c) for c in ("beneficiaries", "distributions")}
+        at_hq = {c: d.hq_count(c) for c in ("beneficiaries", "distributions")}
         wire = state["bytes_sent"]
         print()
         print("fieldsync demo summary")
@@ -196,10 +269,6 @@ class Demo:
         if not ok:
             raise RuntimeError("HQ does not hold every record")
 
-    def shutdown(self) -> None:
-        for proc in list(reversed(self.procs)):
-            self.stop(proc)
-
 
 def main() -> int:
     count = int(os.environ.get("FIELDSYNC_DEMO_RECORDS", "20000"))
@@ -216,7 +285,7 @@ def main() -> int:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
     finally:
-        demo.shutdown()
+        demo.deployment.shutdown()
 
 
 if __name__ == "__main__":

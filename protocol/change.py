@@ -19,6 +19,7 @@ from typing import Any, Literal
 import msgpack
 
 from protocol.errors import CorruptMessage
+from protocol.hlc import MAX_HLC
 
 Op = Literal["upsert", "delete"]
 OPS: tuple[Op, Op] = ("upsert", "delete")
@@ -59,14 +60,23 @@ def _deltas(values: Sequence[int]) -> list[int]:
     return out
 
 
-def _undeltas(values: Sequence[Any], what: str) -> list[int]:
+def _undeltas(values: Sequence[Any], what: str, low: int) -> list[int]:
+    """Running sums of delta-encoded integers, each checked to lie in [low, MAX_HLC]."""
     out, acc = [], 0
     for v in values:
-        if not isinstance(v, int) or isinstance(v, bool):
+        if type(v) is not int:
             raise CorruptMessage(f"body: {what} must be integers")
         acc += v
+        if not low <= acc <= MAX_HLC:
+            raise CorruptMessage(f"body: {what} out of range ({acc})")
         out.append(acc)
     return out
+
+
+def _index(value: Any, limit: int, what: str) -> int:
+    if type(value) is not int or not 0 <= value < limit:
+        raise CorruptMessage(f"body: {what} index {value!r} out of range")
+    return value
 
 
 def encode_changes(changes: Sequence[Change]) -> dict[str, Any]:
@@ -113,7 +123,7 @@ def _list(group: dict[str, Any], name: str, length: int | None) -> list[Any]:
 
 def decode_changes(body: Any) -> list[Change]:
     """Changes from a columnar body; CorruptMessage names what is malformed."""
-    if not isinstance(body, dict) or body.get("v") != BODY_VERSION:
+    if not isinstance(body, dict) or type(body.get("v")) is not int or body["v"] != BODY_VERSION:
         raise CorruptMessage(f"body: expected a map with v={BODY_VERSION}")
     origins = body.get("origins")
     groups = body.get("groups")
@@ -129,8 +139,8 @@ def decode_changes(body: Any) -> list[Change]:
         n = len(keys)
         if not all(isinstance(k, str) for k in keys):
             raise CorruptMessage("body: record keys must be strings")
-        seqs = _undeltas(_list(group, "seq", n), "sequences")
-        hlcs = _undeltas(_list(group, "hlc", n), "timestamps")
+        seqs = _undeltas(_list(group, "seq", n), "sequences", 1)
+        hlcs = _undeltas(_list(group, "hlc", n), "timestamps", 0)
         parents = _list(group, "parent", n)
         names = _list(group, "fields", None)
         cols = _list(group, "cols", len(names))
@@ -143,14 +153,13 @@ def decode_changes(body: Any) -> list[Change]:
         origin_ids = [origin] * n if isinstance(origin, int) else _list(group, "origin", n)
         ops = _list(group, "op", n) if "op" in group else [0] * n
         for i in range(n):
-            try:
-                who = origins[origin_ids[i]]
-                op = OPS[ops[i]]
-            except (IndexError, TypeError) as e:
-                raise CorruptMessage("body: origin or op index out of range") from e
+            who = origins[_index(origin_ids[i], len(origins), "origin")]
+            op = OPS[_index(ops[i], len(OPS), "op")]
             parent = parents[i]
-            if parent is not None and (not isinstance(parent, int) or isinstance(parent, bool)):
-                raise CorruptMessage("body: parent must be an integer or nil")
+            if parent is not None and (
+                type(parent) is not int or not 0 <= hlcs[i] - parent <= MAX_HLC
+            ):
+                raise CorruptMessage("body: parent must be nil or an HLC delta in range")
             fields = {
                 name: col[i] for name, col in zip(names, cols, strict=True) if col[i] != ABSENT
             }

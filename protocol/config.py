@@ -58,6 +58,9 @@ def listen_address(value: Any) -> str | None:
 def _type_error(expected: Any, value: Any) -> str | None:
     """None if value fits the annotation `expected`, else a reason."""
     origin = typing.get_origin(expected)
+    if origin is typing.Literal:
+        options = typing.get_args(expected)
+        return None if value in options else "must be one of " + ", ".join(map(repr, options))
     if origin in (types.UnionType, typing.Union):
         options = typing.get_args(expected)
         if any(_type_error(opt, value) is None for opt in options):

@@ -87,6 +87,19 @@ def _ext_hook(code: int, data: bytes) -> Any:
     raise CorruptMessage(f"body: unknown msgpack extension type {code}")
 
 
+def _no_timestamps_in_list(items: list[Any]) -> list[Any]:
+    # msgpack decodes its timestamp extension (-1) natively, never calling ext_hook: refuse it here.
+    if msgpack.Timestamp in set(map(type, items)):
+        raise CorruptMessage("body: msgpack timestamp extension (-1) is not allowed in v1")
+    return items
+
+
+def _no_timestamps_in_map(items: dict[Any, Any]) -> dict[Any, Any]:
+    if msgpack.Timestamp in set(map(type, items.values())):
+        raise CorruptMessage("body: msgpack timestamp extension (-1) is not allowed in v1")
+    return items
+
+
 def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -95,11 +108,21 @@ def unpackb(data: bytes, what: str) -> Any:
     """Strict msgpack decoding of untrusted bytes; any malformation is a CorruptMessage."""
     try:
         # unpackb bounds every container and string by len(data) on its own.
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_ext_hook)
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_ext_hook,
+            list_hook=_no_timestamps_in_list,
+            object_hook=_no_timestamps_in_map,
+        )
     except CorruptMessage:
         raise
     except (ValueError, msgpack.UnpackException) as e:
         raise CorruptMessage(f"{what}: malformed msgpack ({type(e).__name__})") from e
+    if isinstance(value, msgpack.Timestamp):
+        raise CorruptMessage(f"{what}: msgpack timestamp extension (-1) is not allowed in v1")
+    return value
 
 
 def seal(
@@ -117,6 +140,9 @@ def seal(
     extra: dict[str, Any] | None = None,
 ) -> bytes:
     """Encode, compress and sign `body` into one sealed message."""
+    reserved = HEADER_TYPES.keys() & (extra or {}).keys()
+    if reserved:
+        raise ValueError(f"header extras may not replace required keys: {sorted(reserved)}")
     raw = packb(body)
     if len(raw) > HARD_MAX_RAW_BYTES:
         raise Oversize(f"body of {len(raw)} bytes exceeds the {HARD_MAX_RAW_BYTES}-byte cap")

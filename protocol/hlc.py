@@ -19,7 +19,8 @@ from protocol.errors import ClockDrift
 
 LOGICAL_BITS = 16
 LOGICAL_MASK = (1 << LOGICAL_BITS) - 1
-MAX_HLC = (1 << 64) - 1
+# Signed 64-bit so every store (SQLite INTEGER, PostgreSQL bigint) holds it; ms < 2**47 lasts to 6429.
+MAX_HLC = (1 << 63) - 1
 DEFAULT_MAX_DRIFT_MS = 5 * 60 * 1000
 
 

@@ -49,7 +49,11 @@ class RecordState:
 
 
 def concurrent_fields(state: RecordState, change: Change) -> list[str]:
-    """Fields the change writes that someone else wrote after the version the writer saw."""
+    """Fields the change writes that someone else wrote (or deleted) after the version the writer
+    saw. An update racing another node's delete makes every field it writes concurrent."""
+    tomb_hlc, tomb_origin = state.tombstone
+    if change.op == "upsert" and tomb_hlc > change.parent and tomb_origin != change.origin:
+        return list(change.fields)
     return [
         name
         for name in change.fields

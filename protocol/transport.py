@@ -64,9 +64,12 @@ class SignedRequest:
 def parse_signed_request(headers: Any) -> SignedRequest:
     try:
         node_id = headers[HEADER_NODE]
-        time_ms = int(headers[HEADER_TIME])
-        signature = unb64(headers[HEADER_SIGNATURE], HEADER_SIGNATURE)
-    except (KeyError, ValueError) as e:
+        time_text = headers[HEADER_TIME]
+        if not time_text.isdigit():
+            raise ValueError("time must be decimal digits")
+        time_ms = int(time_text)
+        signature = base64.b64decode(headers[HEADER_SIGNATURE].encode("ascii"), validate=True)
+    except (KeyError, ValueError, UnicodeEncodeError) as e:
         raise BadSignature(
             f"request must carry {HEADER_NODE}, {HEADER_TIME} and {HEADER_SIGNATURE} headers"
         ) from e
@@ -100,6 +103,14 @@ def parse_ack(body: Any) -> Ack:
     if not isinstance(body, dict):
         raise CorruptMessage("ack: expected a map")
     node, through, hq_time = body.get("node"), body.get("acked_through"), body.get("hq_time")
-    if not isinstance(node, str) or not isinstance(through, int) or not isinstance(hq_time, int):
-        raise CorruptMessage("ack: needs node (str), acked_through (int), hq_time (int)")
+    if (
+        not isinstance(node, str)
+        or type(through) is not int
+        or type(hq_time) is not int
+        or through < 0
+        or hq_time < 0
+    ):
+        raise CorruptMessage(
+            "ack: needs node (str), acked_through and hq_time (non-negative integers)"
+        )
     return Ack(node, through, hq_time)
