@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 import click
 
-from agent import fieldgen
 from agent.capture.records import RejectedInput, loads_record, parse_ndjson, record_to_write
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_agent_config
 from agent.hqclient import HQError, enroll
@@ -220,5 +219,7 @@ def get(config: AgentConfig, collection: str, key: str) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 def generate(collection: str, count: int, seed: int, out: Path) -> None:
     """Write COUNT realistic generated field records as NDJSON (seeded, deterministic)."""
+    from agent import fieldgen  # imported here: the daemon should not carry the generator's data
+
     written = fieldgen.write_ndjson(out, collection, count, seed)
     click.echo(f"wrote {written} {collection} to {out}")

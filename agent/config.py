@@ -57,7 +57,7 @@ class SyncSection:
     window: int = setting(
         4, "Sealed batches kept ready ahead of HQ's acknowledgement.", between(1, 64)
     )
-    zstd_level: int = setting(9, "zstd compression level (1 fast .. 19 small).", between(1, 19))
+    zstd_level: int = setting(12, "zstd compression level (1 fast .. 19 small).", between(1, 19))
     backoff_initial_s: float = setting(1.0, "First retry delay after HQ is unreachable.", positive)
     backoff_max_s: float = setting(300.0, "Longest retry delay (doubling with jitter).", positive)
     pull_interval_s: float = setting(

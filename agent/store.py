@@ -73,6 +73,11 @@ META_DEFAULTS: dict[str, Any] = {
     "sent_bytes": 0,
 }
 IN_CHUNK = 500
+# SQLite's page cache per connection, in KiB. The default (~8 MB each) would be a tenth of the
+# agent's memory budget on a small laptop; the workload is append-mostly, so a small cache costs
+# little (measured: ingest and sync rates unchanged within noise).
+WRITER_CACHE_KIB = 2048
+READER_CACHE_KIB = 1024
 FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
@@ -124,12 +129,14 @@ class AgentStore:
             await writer.execute("PRAGMA journal_mode=WAL")
             await writer.execute("PRAGMA synchronous=FULL")
             await writer.execute("PRAGMA busy_timeout=10000")
+            await writer.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
             await writer.executescript(SCHEMA)
             await writer.executemany(
                 "INSERT OR IGNORE INTO meta (k, v) VALUES (?, ?)", META_DEFAULTS.items()
             )
             reader = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout=10000")
+            await reader.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
         except BaseException:
             await writer.close()
             raise
@@ -492,7 +499,8 @@ def _unpack_state(data: str, stamps: bytes) -> RecordState:
 async def _save_states(
     db: aiosqlite.Connection, states: dict[tuple[str, str], RecordState]
 ) -> None:
-    rows = [(c, k, *_pack_state(state)) for (c, k), state in states.items()]
+    # A generator: rows are encoded as SQLite consumes them, never all held at once.
+    rows = ((c, k, *_pack_state(state)) for (c, k), state in states.items())
     await db.executemany(
         "INSERT INTO records (collection, key, data, stamps, alive, version)"
         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (collection, key) DO UPDATE SET"

@@ -42,7 +42,10 @@ MAGIC = b"FSYN"
 VERSION = 1
 MAX_HEADER_BYTES = 1024
 HARD_MAX_RAW_BYTES = 64 * 1024 * 1024
-DEFAULT_ZSTD_LEVEL = 9
+DEFAULT_ZSTD_LEVEL = 12
+# Cap zstd's match-finder tables at 2**17 entries: ~1 MB of compressor state instead of ~6 MB at
+# level 12, for <1 % more bytes on a 1,000-record batch (measured) -- memory matters on a laptop.
+ZSTD_TABLE_LOG = 17
 _PREFIX = struct.Struct(">4sBBH")
 _BODY_LEN = struct.Struct(">I")
 
@@ -146,7 +149,7 @@ def seal(
     raw = packb(body)
     if len(raw) > HARD_MAX_RAW_BYTES:
         raise Oversize(f"body of {len(raw)} bytes exceeds the {HARD_MAX_RAW_BYTES}-byte cap")
-    payload = zstandard.ZstdCompressor(level=level).compress(raw) if codec == Codec.ZSTD else raw
+    payload = _compress(raw, level) if codec == Codec.ZSTD else raw
     header = {
         "node": identity.node_id,
         "seq": seq,
@@ -172,6 +175,17 @@ def seal(
         )
     )
     return signed + identity.sign(signed)
+
+
+def _compress(raw: bytes, level: int) -> bytes:
+    params = zstandard.ZstdCompressionParameters.from_level(level, source_size=len(raw))
+    capped = zstandard.ZstdCompressionParameters.from_level(
+        level,
+        source_size=len(raw),
+        hash_log=min(params.hash_log, ZSTD_TABLE_LOG),
+        chain_log=min(params.chain_log, ZSTD_TABLE_LOG),
+    )
+    return zstandard.ZstdCompressor(compression_params=capped).compress(raw)
 
 
 def read_header(data: bytes) -> tuple[Kind, dict[str, Any], int, int]:

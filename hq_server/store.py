@@ -1,0 +1,896 @@
+"""HQ's durable state behind one small interface: nodes, enrolment tokens, records, change log, audit.
+
+`HQStore` is the plug point (a PostgreSQL implementation comes later and must pass the same
+conformance tests); `SQLiteHQStore` is the default. Every method's docstring is its contract.
+
+SQLite layout and habits:
+
+- One writer connection; writes are serialized by an asyncio.Lock and each runs in `BEGIN IMMEDIATE`,
+  so a transaction never upgrades from read to write halfway (no SQLITE_BUSY mid-transaction) and
+  other processes (the CLI) wait on `busy_timeout` instead of failing.
+- A separate read-only connection for reads: WAL lets them proceed while a batch is being written,
+  and a single SELECT sees one committed snapshot.
+- WAL with `synchronous=FULL`: a committed batch survives power loss, which is what an ack promises.
+- Batch SQL only. aiosqlite costs ~150 us per awaited call, so ingest does a fixed number of calls per
+  batch (`executemany`, `json_each` for key lists), never one per change.
+- Times are integer milliseconds since the Unix epoch (UTC).
+
+Error hierarchy::
+
+    StoreError               the store cannot do what was asked (I/O, schema, bad argument)
+    ├── NodeNotFound         no such node (or, by name, none active)
+    ├── AmbiguousNode        a name matches several nodes; use the node id
+    ├── NodeRevoked          the node was revoked (e.g. between key lookup and ingest)
+    ├── EnrollmentRefused    token unknown, used or expired, or the key was revoked (`.code`)
+    └── UnstorableChange     a change's values cannot be stored (not JSON-compatible)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiosqlite
+import msgpack
+import orjson
+
+from protocol.change import Change, Op
+from protocol.hlc import system_ms
+from protocol.identity import node_id_for
+from protocol.merge import RecordState, apply_change
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 10_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    public_key BLOB NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    revoked_at INTEGER,
+    acked_through INTEGER NOT NULL DEFAULT 0,
+    last_contact INTEGER,
+    clock_offset_ms INTEGER,
+    flagged_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_hash TEXT PRIMARY KEY,
+    node_name TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER,
+    used_by_node TEXT
+);
+CREATE TABLE IF NOT EXISTS records (
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    data TEXT NOT NULL,
+    stamps TEXT NOT NULL,
+    tombstone TEXT,
+    version INTEGER NOT NULL,
+    updated_seq INTEGER NOT NULL,
+    PRIMARY KEY (collection, key)
+);
+CREATE TABLE IF NOT EXISTS changelog (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    origin TEXT NOT NULL,
+    origin_seq INTEGER NOT NULL,
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    op TEXT NOT NULL,
+    fields BLOB NOT NULL,
+    hlc INTEGER NOT NULL,
+    parent INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    UNIQUE (origin, origin_seq)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+_NODE_COLUMNS = (
+    "node_id, name, public_key, enrolled_at, revoked_at, acked_through, last_contact, "
+    "clock_offset_ms, flagged_reason"
+)
+_RECORD_COLUMNS = "collection, key, data, stamps, tombstone, version, updated_seq"
+_ALIVE = "stamps != '{}'"
+
+
+def _dumps(value: Any) -> str:
+    """Compact JSON for the database. orjson: ~6x faster than `json` on the ingest hot path, which
+    is what keeps ingest above 20k changes/s. Refuses non-string keys and out-of-range integers
+    (TypeError); ingest validation refuses NaN/Infinity before values get here."""
+    return orjson.dumps(value).decode()
+
+
+_loads = orjson.loads
+_pack = msgpack.Packer(use_bin_type=True).pack
+_INSERT_LOG = (
+    "INSERT INTO changelog(seq, origin, origin_seq, collection, key, op, fields, hlc, parent, "
+    "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_RECORD = (
+    f"INSERT INTO records({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT(collection, key) DO UPDATE SET data = excluded.data, "
+    "stamps = excluded.stamps, tombstone = excluded.tombstone, "
+    "version = excluded.version, updated_seq = excluded.updated_seq"
+)
+
+
+def _record_rows(
+    states: dict[tuple[str, str], RecordState], items: Sequence[tuple[tuple[str, str], int]]
+) -> list[tuple[Any, ...]]:
+    """Storage rows for merged records; UnstorableChange if a value is not JSON-compatible."""
+    out = []
+    try:
+        for (collection, key), updated_seq in items:
+            state = states[(collection, key)]
+            values, stamps, tomb = state.to_storage()
+            out.append(
+                (
+                    collection,
+                    key,
+                    _dumps(values),
+                    _dumps(stamps),
+                    None if tomb is None else _dumps(tomb),
+                    state.version,
+                    updated_seq,
+                )
+            )
+    except (TypeError, ValueError, OverflowError) as e:
+        raise UnstorableChange(f"a change holds a value that cannot be stored ({e})") from e
+    return out
+
+
+# --------------------------------------------------------------------------------------- errors
+
+
+class StoreError(Exception):
+    """The store could not do what was asked; the message says which step failed."""
+
+
+class NodeNotFound(StoreError):
+    pass
+
+
+class AmbiguousNode(StoreError):
+    pass
+
+
+class NodeRevoked(StoreError):
+    pass
+
+
+class UnstorableChange(StoreError):
+    pass
+
+
+class EnrollmentRefused(StoreError):
+    """An enrolment the store refused; `code` is a stable machine-readable reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+# ---------------------------------------------------------------------------------- data types
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    node_id: str
+    name: str
+    public_key: bytes
+    enrolled_at: int
+    revoked_at: int | None
+    acked_through: int
+    last_contact: int | None
+    clock_offset_ms: int | None
+    flagged_reason: str | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+class IngestStatus(enum.Enum):
+    APPLIED = "applied"  # the batch was the next one: stored, acked_through advanced
+    DUPLICATE = "duplicate"  # already stored: nothing changed, ack again
+    GAP = "gap"  # an earlier batch is missing: nothing changed, ask for `expected`
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    status: IngestStatus
+    acked_through: int  # the node's high-water mark after this call
+    appended: int = 0  # changes appended to the change log
+    skipped: int = 0  # changes whose (origin, seq) was already in the change log
+
+    @property
+    def expected(self) -> int:
+        """The batch sequence HQ wants next from this node."""
+        return self.acked_through + 1
+
+
+@dataclass(frozen=True, slots=True)
+class FeedPage:
+    changes: list[Change]
+    cursor: int  # pass back as `cursor` to continue after this page
+    more: bool  # True if another page is ready now
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    collection: str
+    key: str
+    state: RecordState
+    version: int
+    updated_seq: int  # change-log seq of the last change applied to this record
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.state.values
+
+    @property
+    def deleted(self) -> bool:
+        return not self.state.alive
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    token: str  # shown once; only its SHA-256 is stored
+    node_name: str
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: int
+    at: int
+    actor: str
+    action: str
+    detail: dict[str, Any]
+    hash: str
+
+
+def token_hash(token: str) -> str:
+    """The stored form of a token: a leaked database does not leak usable tokens."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _audit_hash(prev: str, at: int, actor: str, action: str, detail: str) -> str:
+    line = json.dumps([prev, at, actor, action, detail], separators=(",", ":"))
+    return hashlib.sha256(line.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------- interface
+
+
+class HQStore(Protocol):
+    """Everything HQ keeps. Implementations must pass tests/test_hq_store.py."""
+
+    async def open(self) -> None:
+        """Create or migrate the schema and get ready; StoreError if the store is unusable."""
+
+    async def close(self) -> None:
+        """Release connections. Idempotent."""
+
+    async def get_node(self, node_id: str) -> Node | None:
+        """The node with this id, revoked or not; None if it never enrolled."""
+
+    async def list_nodes(self) -> list[Node]:
+        """Every node ever enrolled, by name then id."""
+
+    async def find_node(self, ref: str) -> Node:
+        """A node by id, else by name among active nodes (else among all).
+
+        NodeNotFound if nothing matches; AmbiguousNode if a name matches several nodes.
+        """
+
+    async def create_token(self, node_name: str, ttl_ms: int, *, actor: str) -> IssuedToken:
+        """Issue a one-time enrolment token for `node_name`, valid for `ttl_ms`; audited.
+
+        Only the token's hash is stored: the returned token cannot be recovered later.
+        """
+
+    async def enroll(self, token: str, public_key: bytes, *, name_hint: str = "") -> Node:
+        """Consume `token` and register `public_key` under the token's node name, atomically.
+
+        Raises EnrollmentRefused (code token_invalid / token_used / token_expired / key_revoked)
+        and then changes nothing. Re-enrolling an active key with a fresh token keeps its
+        acked_through (so no batch is replayed or lost) and takes the token's name. Audited.
+        """
+
+    async def revoke_node(self, node_id: str, *, actor: str) -> tuple[Node, bool]:
+        """Revoke a node: from then on its batches and requests are refused. Audited.
+
+        Idempotent: returns (node, False) if it was already revoked. NodeNotFound if unknown.
+        Its data and acked_through are kept.
+        """
+
+    async def ingest(
+        self,
+        node_id: str,
+        batch_seq: int,
+        changes: Sequence[Change],
+        *,
+        clock_offset_ms: int | None = None,
+        flag: str | None = None,
+    ) -> IngestResult:
+        """Store batch `batch_seq` of `node_id` exactly once, in one transaction.
+
+        batch_seq <= acked_through: DUPLICATE, data unchanged. batch_seq > acked_through + 1:
+        GAP, data unchanged. Otherwise every change whose (origin, seq) is not yet in the change
+        log is merged into its record and appended to the log, and acked_through becomes
+        batch_seq: APPLIED. In all three cases the node's last_contact and clock_offset_ms are
+        updated and a non-None `flag` is recorded as its flagged_reason. NodeNotFound /
+        NodeRevoked if the node cannot send; UnstorableChange (nothing stored) if a value cannot
+        be stored. Callers validate the batch (origins, sequences) before calling.
+        """
+
+    async def feed(self, node_id: str, cursor: int, limit: int, *, max_bytes: int) -> FeedPage:
+        """Up to `limit` change-log entries after `cursor`, in log order, excluding the node's own.
+
+        The returned cursor also skips the node's own entries, so an agent never re-reads them.
+        Stops early (more=True) once the page holds about `max_bytes` of field data.
+        """
+
+    async def touch_node(self, node_id: str, *, clock_offset_ms: int | None) -> None:
+        """Record a contact (e.g. an authenticated feed request) from the node."""
+
+    async def flag_node(self, node_id: str, reason: str) -> None:
+        """Record why a node needs an operator's attention (e.g. its clock is far ahead)."""
+
+    async def get_record(self, collection: str, key: str) -> StoredRecord | None:
+        """The record's merged state (deleted records included); None if never written."""
+
+    async def list_records(
+        self, collection: str, *, after_key: str = "", limit: int = 1000, deleted: bool = False
+    ) -> list[StoredRecord]:
+        """Records of a collection ordered by key, after `after_key` (paging); live ones only
+        unless `deleted`."""
+
+    async def count_records(self, collection: str, *, deleted: bool = False) -> int:
+        """Number of live records in a collection (all records if `deleted`)."""
+
+    async def changelog_count(self) -> int:
+        """Number of entries in the change log."""
+
+    async def audit_log(self) -> list[AuditEntry]:
+        """Every audit entry, oldest first."""
+
+    async def verify_audit(self) -> int | None:
+        """Id of the first audit entry whose hash chain does not verify; None if all do."""
+
+    async def get_meta(self, key: str) -> str | None:
+        """A small persistent setting (e.g. HQ's last clock value); None if unset."""
+
+    async def set_meta(self, key: str, value: str) -> None:
+        """Set a small persistent setting."""
+
+
+# ------------------------------------------------------------------------------ implementation
+
+
+class SQLiteHQStore:
+    """`HQStore` on one SQLite file. `wall` returns the current time in ms (tests inject it).
+
+    With `create=False` (the CLI), a missing database is an error rather than a new empty one: a
+    wrong data_dir must not yield tokens the server never sees.
+    """
+
+    def __init__(
+        self, path: Path, *, wall: Callable[[], int] = system_ms, create: bool = True
+    ) -> None:
+        self.path = path
+        self._wall = wall
+        self._create = create
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    # -- lifecycle
+
+    async def open(self) -> None:
+        if not self._create and not self.path.exists():
+            raise StoreError(
+                f"no HQ database at {self.path}: check hq.data_dir "
+                "(`fieldsync-hq serve` creates it on first start)"
+            )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.path.exists():
+                # Records hold personal data: create the file private; SQLite gives the -wal and
+                # -shm files the same mode.
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            self._writer = await self._connect()
+            await self._writer.execute_fetchall("PRAGMA journal_mode=WAL")
+            await self._writer.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+            await self._writer.execute_fetchall(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            rows = await self._writer.execute_fetchall(
+                "SELECT value FROM meta WHERE key = 'schema_version'"
+            )
+            version = int(next(iter(rows))[0])
+            if version != SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: schema version {version}, this build knows {SCHEMA_VERSION}"
+                )
+            self._reader = await self._connect()
+            await self._reader.execute_fetchall("PRAGMA query_only=ON")
+        except (sqlite3.Error, OSError) as e:
+            await self.close()
+            raise StoreError(f"open {self.path}: {e}") from e
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        # Pragmas that answer with a row must be fetched, or the statement stays "in progress".
+        await conn.execute_fetchall(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        await conn.execute_fetchall("PRAGMA synchronous=FULL")
+        return conn
+
+    async def close(self) -> None:
+        for name in ("_reader", "_writer"):
+            conn = getattr(self, name)
+            setattr(self, name, None)
+            if conn is not None:
+                await conn.close()
+
+    async def __aenter__(self) -> SQLiteHQStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def _w(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise StoreError("store is not open")
+        return self._writer
+
+    @property
+    def _r(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StoreError("store is not open")
+        return self._reader
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self, step: str) -> AsyncIterator[aiosqlite.Connection]:
+        """One serialized write transaction; rolled back on any error or cancellation.
+
+        aiosqlite finishes a call even when the awaiting task is cancelled, and runs calls in
+        order, so the shielded ROLLBACK is queued before any later BEGIN.
+        """
+        async with self._write_lock:
+            conn = self._w
+            try:
+                # Inside the try: a task cancelled while BEGIN runs must still roll back, or the
+                # connection would stay in a transaction and refuse every later BEGIN.
+                await conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                await conn.execute("COMMIT")
+            except BaseException as e:
+                with contextlib.suppress(sqlite3.Error):
+                    await asyncio.shield(conn.execute("ROLLBACK"))
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError(f"{step}: {e}") from e
+                raise
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return list(await self._r.execute_fetchall(sql, params))
+        except sqlite3.Error as e:
+            raise StoreError(f"read: {e}") from e
+
+    # -- nodes
+
+    @staticmethod
+    def _node(row: Sequence[Any]) -> Node:
+        return Node(
+            node_id=row[0],
+            name=row[1],
+            public_key=bytes(row[2]),
+            enrolled_at=row[3],
+            revoked_at=row[4],
+            acked_through=row[5],
+            last_contact=row[6],
+            clock_offset_ms=row[7],
+            flagged_reason=row[8],
+        )
+
+    async def get_node(self, node_id: str) -> Node | None:
+        rows = await self._read(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE node_id = ?", (node_id,))
+        return self._node(rows[0]) if rows else None
+
+    async def list_nodes(self) -> list[Node]:
+        rows = await self._read(f"SELECT {_NODE_COLUMNS} FROM nodes ORDER BY name, node_id")
+        return [self._node(r) for r in rows]
+
+    async def find_node(self, ref: str) -> Node:
+        node = await self.get_node(ref)
+        if node is not None:
+            return node
+        rows = await self._read(f"SELECT {_NODE_COLUMNS} FROM nodes WHERE name = ?", (ref,))
+        named = [self._node(r) for r in rows]
+        candidates = [n for n in named if n.active] or named
+        if not candidates:
+            raise NodeNotFound(f"no node with id or name {ref!r}")
+        if len(candidates) > 1:
+            ids = ", ".join(n.node_id for n in candidates)
+            raise AmbiguousNode(f"several nodes are named {ref!r} ({ids}); give the node id")
+        return candidates[0]
+
+    async def _audit(
+        self, conn: aiosqlite.Connection, actor: str, action: str, detail: dict[str, Any]
+    ) -> None:
+        """Append one hash-chained audit entry inside the caller's transaction."""
+        rows = await conn.execute_fetchall("SELECT hash FROM audit ORDER BY id DESC LIMIT 1")
+        prev = next(iter(rows))[0] if rows else ""
+        at = self._wall()
+        text = json.dumps(detail, sort_keys=True, separators=(",", ":"))
+        digest = _audit_hash(prev, at, actor, action, text)
+        await conn.execute(
+            "INSERT INTO audit(at, actor, action, detail, hash) VALUES (?, ?, ?, ?, ?)",
+            (at, actor, action, text, digest),
+        )
+
+    async def create_token(self, node_name: str, ttl_ms: int, *, actor: str) -> IssuedToken:
+        if not node_name.strip():
+            raise StoreError("create token: the node name must not be empty")
+        if ttl_ms <= 0:
+            raise StoreError("create token: the lifetime must be positive")
+        token = secrets.token_urlsafe(32)
+        digest = token_hash(token)
+        now = self._wall()
+        issued = IssuedToken(token, node_name, now + ttl_ms)
+        async with self._transaction("create token") as conn:
+            await conn.execute(
+                "INSERT INTO tokens(token_hash, node_name, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?)",
+                (digest, node_name, now, issued.expires_at),
+            )
+            detail = {"node_name": node_name, "expires_at": issued.expires_at, "id": digest[:12]}
+            await self._audit(conn, actor, "token.create", detail)
+        return issued
+
+    async def enroll(self, token: str, public_key: bytes, *, name_hint: str = "") -> Node:
+        node_id = node_id_for(public_key)
+        digest = token_hash(token)
+        now = self._wall()
+        async with self._transaction("enroll") as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT node_name, expires_at, used_at FROM tokens WHERE token_hash = ?", (digest,)
+            )
+            if not rows:
+                raise EnrollmentRefused("token_invalid", "enrolment token is not valid")
+            name, expires_at, used_at = next(iter(rows))
+            if used_at is not None:
+                raise EnrollmentRefused(
+                    "token_used", "enrolment token was already used; ask HQ for a new one"
+                )
+            if expires_at <= now:
+                raise EnrollmentRefused(
+                    "token_expired", "enrolment token has expired; ask HQ for a new one"
+                )
+            rows = await conn.execute_fetchall(
+                "SELECT revoked_at FROM nodes WHERE node_id = ?", (node_id,)
+            )
+            existing = next(iter(rows)) if rows else None
+            if existing is not None and existing[0] is not None:
+                raise EnrollmentRefused(
+                    "key_revoked",
+                    f"node {node_id} was revoked; generate a new key and enrol with it",
+                )
+            await conn.execute(
+                "UPDATE tokens SET used_at = ?, used_by_node = ? WHERE token_hash = ?",
+                (now, node_id, digest),
+            )
+            await conn.execute(
+                "INSERT INTO nodes(node_id, name, public_key, enrolled_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(node_id) DO UPDATE SET name = excluded.name",
+                (node_id, name, public_key, now),
+            )
+            detail = {
+                "node_id": node_id,
+                "name": name,
+                "name_hint": name_hint,
+                "reenrolled": existing is not None,
+                "token_id": digest[:12],
+            }
+            await self._audit(conn, node_id, "node.enroll", detail)
+            rows = await conn.execute_fetchall(
+                f"SELECT {_NODE_COLUMNS} FROM nodes WHERE node_id = ?", (node_id,)
+            )
+            return self._node(next(iter(rows)))
+
+    async def revoke_node(self, node_id: str, *, actor: str) -> tuple[Node, bool]:
+        async with self._transaction("revoke node") as conn:
+            cursor = await conn.execute(
+                "UPDATE nodes SET revoked_at = ? WHERE node_id = ? AND revoked_at IS NULL",
+                (self._wall(), node_id),
+            )
+            changed = cursor.rowcount == 1
+            rows = await conn.execute_fetchall(
+                f"SELECT {_NODE_COLUMNS} FROM nodes WHERE node_id = ?", (node_id,)
+            )
+            if not rows:
+                raise NodeNotFound(f"no node {node_id}")
+            node = self._node(next(iter(rows)))
+            if changed:
+                await self._audit(
+                    conn, actor, "node.revoke", {"node_id": node_id, "name": node.name}
+                )
+        return node, changed
+
+    async def touch_node(self, node_id: str, *, clock_offset_ms: int | None) -> None:
+        async with self._transaction("touch node") as conn:
+            await conn.execute(
+                "UPDATE nodes SET last_contact = ?, "
+                "clock_offset_ms = COALESCE(?, clock_offset_ms) WHERE node_id = ?",
+                (self._wall(), clock_offset_ms, node_id),
+            )
+
+    async def flag_node(self, node_id: str, reason: str) -> None:
+        async with self._transaction("flag node") as conn:
+            await conn.execute(
+                "UPDATE nodes SET flagged_reason = ? WHERE node_id = ?", (reason, node_id)
+            )
+
+    # -- ingest
+
+    async def ingest(
+        self,
+        node_id: str,
+        batch_seq: int,
+        changes: Sequence[Change],
+        *,
+        clock_offset_ms: int | None = None,
+        flag: str | None = None,
+    ) -> IngestResult:
+        now = self._wall()
+        async with self._transaction("ingest") as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT acked_through, revoked_at FROM nodes WHERE node_id = ?", (node_id,)
+            )
+            if not rows:
+                raise NodeNotFound(f"node {node_id} is not enrolled")
+            acked, revoked_at = next(iter(rows))
+            if revoked_at is not None:
+                raise NodeRevoked(f"node {node_id} was revoked")
+            if batch_seq <= acked:
+                result = IngestResult(IngestStatus.DUPLICATE, acked)
+            elif batch_seq > acked + 1:
+                result = IngestResult(IngestStatus.GAP, acked)
+            else:
+                appended, skipped = await self._apply(conn, changes, now)
+                result = IngestResult(IngestStatus.APPLIED, batch_seq, appended, skipped)
+            await conn.execute(
+                "UPDATE nodes SET acked_through = ?, last_contact = ?, "
+                "clock_offset_ms = COALESCE(?, clock_offset_ms), "
+                "flagged_reason = COALESCE(?, flagged_reason) WHERE node_id = ?",
+                (result.acked_through, now, clock_offset_ms, flag, node_id),
+            )
+        return result
+
+    async def _apply(
+        self, conn: aiosqlite.Connection, changes: Sequence[Change], now: int
+    ) -> tuple[int, int]:
+        """Merge new changes into their records and append them to the log; (appended, skipped).
+
+        All rows are built first, then written with one `executemany` per table. (Overlapping the
+        two -- queueing writes while encoding the next rows -- was measured slower: the sqlite3
+        module retakes the GIL for every row and convoys behind the encoding thread.)
+        """
+        fresh = await self._unseen(conn, changes)
+        if not fresh:
+            return 0, len(changes)
+        states = await self._load_states(conn, fresh)
+        rows = await conn.execute_fetchall(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'changelog'"
+        )
+        seq = next(iter(rows))[0] if rows else 0
+        touched: dict[tuple[str, str], int] = {}
+        log_rows = []
+        for change in fresh:
+            seq += 1
+            apply_change(states[(change.collection, change.key)], change)
+            touched[(change.collection, change.key)] = seq
+            log_rows.append(
+                (
+                    seq,
+                    change.origin,
+                    change.seq,
+                    change.collection,
+                    change.key,
+                    change.op,
+                    _pack(change.fields),
+                    change.hlc,
+                    change.parent,
+                    now,
+                )
+            )
+        record_rows = _record_rows(states, list(touched.items()))
+        await conn.executemany(_INSERT_LOG, log_rows)
+        await conn.executemany(_UPSERT_RECORD, record_rows)
+        return len(fresh), len(changes) - len(fresh)
+
+    @staticmethod
+    async def _unseen(conn: aiosqlite.Connection, changes: Sequence[Change]) -> list[Change]:
+        """Changes whose id is neither in the change log nor earlier in `changes`."""
+        by_origin: dict[str, list[int]] = {}
+        for change in changes:
+            by_origin.setdefault(change.origin, []).append(change.seq)
+        seen: set[tuple[str, int]] = set()
+        for origin, seqs in by_origin.items():
+            rows = await conn.execute_fetchall(
+                "SELECT origin_seq FROM changelog WHERE origin = ? "
+                "AND origin_seq IN (SELECT value FROM json_each(?))",
+                (origin, _dumps(seqs)),
+            )
+            seen.update((origin, r[0]) for r in rows)
+        fresh = []
+        for change in changes:
+            if change.change_id not in seen:
+                seen.add(change.change_id)
+                fresh.append(change)
+        return fresh
+
+    @staticmethod
+    async def _load_states(
+        conn: aiosqlite.Connection, changes: Sequence[Change]
+    ) -> dict[tuple[str, str], RecordState]:
+        """Current state of every record the changes touch (empty state for new records)."""
+        keys: dict[str, set[str]] = {}
+        for change in changes:
+            keys.setdefault(change.collection, set()).add(change.key)
+        states: dict[tuple[str, str], RecordState] = {}
+        for collection, names in keys.items():
+            rows = await conn.execute_fetchall(
+                "SELECT key, data, stamps, tombstone FROM records WHERE collection = ? "
+                "AND key IN (SELECT value FROM json_each(?))",
+                (collection, _dumps(sorted(names))),
+            )
+            for key, data, stamps, tomb in rows:
+                states[(collection, key)] = RecordState.from_storage(
+                    _loads(data), _loads(stamps), _loads(tomb) if tomb else None
+                )
+            for name in names:
+                states.setdefault((collection, name), RecordState())
+        return states
+
+    # -- downstream
+
+    async def feed(self, node_id: str, cursor: int, limit: int, *, max_bytes: int) -> FeedPage:
+        if limit < 1:
+            raise StoreError("feed: limit must be at least 1")
+        # One statement = one snapshot: `top` and the page agree, so skipping to `top` when the
+        # page is short never skips a row committed in between.
+        rows = await self._read(
+            "SELECT m.top, c.seq, c.origin, c.origin_seq, c.collection, c.key, c.op, c.fields, "
+            "c.hlc, c.parent FROM (SELECT COALESCE(MAX(seq), 0) AS top FROM changelog) AS m "
+            "LEFT JOIN (SELECT * FROM changelog WHERE seq > ? AND origin != ? "
+            "ORDER BY seq LIMIT ?) AS c ON 1 ORDER BY c.seq",
+            (cursor, node_id, limit + 1),
+        )
+        top = rows[0][0]
+        entries = [r for r in rows if r[1] is not None]
+        more = len(entries) > limit
+        changes: list[Change] = []
+        size = 0
+        last = cursor
+        for row in entries[:limit]:
+            entry_size = len(row[7]) + len(row[5]) + len(row[4]) + 32
+            if changes and size + entry_size > max_bytes:
+                more = True
+                break
+            size += entry_size
+            op: Op = "delete" if row[6] == "delete" else "upsert"
+            changes.append(
+                Change(
+                    collection=row[4],
+                    key=row[5],
+                    op=op,
+                    fields=msgpack.unpackb(row[7], raw=False),
+                    hlc=row[8],
+                    parent=row[9],
+                    origin=row[2],
+                    seq=row[3],
+                )
+            )
+            last = row[1]
+        next_cursor = last if more else max(cursor, top)
+        return FeedPage(changes, next_cursor, more)
+
+    # -- records, log, audit, meta
+
+    @staticmethod
+    def _record(row: Sequence[Any]) -> StoredRecord:
+        state = RecordState.from_storage(
+            _loads(row[2]), _loads(row[3]), _loads(row[4]) if row[4] else None
+        )
+        return StoredRecord(row[0], row[1], state, row[5], row[6])
+
+    async def get_record(self, collection: str, key: str) -> StoredRecord | None:
+        rows = await self._read(
+            f"SELECT {_RECORD_COLUMNS} FROM records WHERE collection = ? AND key = ?",
+            (collection, key),
+        )
+        return self._record(rows[0]) if rows else None
+
+    async def list_records(
+        self, collection: str, *, after_key: str = "", limit: int = 1000, deleted: bool = False
+    ) -> list[StoredRecord]:
+        alive = "" if deleted else f" AND {_ALIVE}"
+        rows = await self._read(
+            f"SELECT {_RECORD_COLUMNS} FROM records WHERE collection = ? AND key > ?{alive} "
+            "ORDER BY key LIMIT ?",
+            (collection, after_key, limit),
+        )
+        return [self._record(r) for r in rows]
+
+    async def count_records(self, collection: str, *, deleted: bool = False) -> int:
+        alive = "" if deleted else f" AND {_ALIVE}"
+        rows = await self._read(
+            f"SELECT COUNT(*) FROM records WHERE collection = ?{alive}", (collection,)
+        )
+        return int(rows[0][0])
+
+    async def changelog_count(self) -> int:
+        rows = await self._read("SELECT COUNT(*) FROM changelog")
+        return int(rows[0][0])
+
+    async def audit_log(self) -> list[AuditEntry]:
+        rows = await self._read("SELECT id, at, actor, action, detail, hash FROM audit ORDER BY id")
+        return [AuditEntry(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
+
+    async def verify_audit(self) -> int | None:
+        rows = await self._read("SELECT id, at, actor, action, detail, hash FROM audit ORDER BY id")
+        prev = ""
+        for entry_id, at, actor, action, detail, digest in rows:
+            if _audit_hash(prev, at, actor, action, detail) != digest:
+                return int(entry_id)
+            prev = digest
+        return None
+
+    async def get_meta(self, key: str) -> str | None:
+        rows = await self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        async with self._transaction("set meta") as conn:
+            await conn.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
