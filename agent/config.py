@@ -67,7 +67,9 @@ class SyncSection:
         1000, "Most downstream changes asked for per pull.", between(1, 10_000)
     )
     max_clock_drift_s: float = setting(
-        300.0, "Downstream timestamps further ahead than this are refused.", positive
+        300.0,
+        "Downstream timestamps further ahead than this merge but never move this clock.",
+        positive,
     )
 
 

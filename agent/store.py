@@ -282,7 +282,7 @@ class AgentStore:
             row = await cursor.fetchone()
         return None if row is None else orjson.loads(row[0])
 
-    async def list(
+    async def list_records(
         self,
         collection: str,
         filters: dict[str, Any] | None = None,

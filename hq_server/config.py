@@ -30,17 +30,6 @@ DB_FILENAME = "hq.db"
 KEY_FILENAME = "hq.key"
 
 
-def _listen(value: Any) -> str | None:
-    """`protocol.config.listen_address`, plus port 0 ("pick a free port"), which tests and demos need."""
-    reason = listen_address(value)
-    if reason is None:
-        return None
-    host, sep, port = str(value).rpartition(":")
-    if sep and host and port == "0":
-        return None
-    return reason
-
-
 def _log_level(value: Any) -> str | None:
     return None if value in LOG_LEVELS else "must be one of " + ", ".join(LOG_LEVELS)
 
@@ -56,7 +45,7 @@ class HQSection:
     listen: str = setting(
         "127.0.0.1:8443",
         "HOST:PORT to listen on; port 0 picks a free port (the real one is printed at start).",
-        _listen,
+        listen_address,
     )
     tls_cert: Path | None = setting(
         None, "PEM certificate chain; with tls_key set, HQ serves HTTPS instead of HTTP."

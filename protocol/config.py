@@ -49,8 +49,9 @@ def between(low: float, high: float) -> typing.Callable[[Any], str | None]:
 
 
 def listen_address(value: Any) -> str | None:
+    """HOST:PORT; port 0 asks the system for a free port (the daemon prints the real one)."""
     host, sep, port = str(value).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         return "must be HOST:PORT, e.g. 127.0.0.1:8470"
     return None
 
@@ -113,7 +114,7 @@ def build(cls: type[T], data: dict[str, Any], path: Path | str, prefix: str = ""
         annotation = hints[name]
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                if dataclasses.is_dataclass(annotation):
+                if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
                     kwargs[name] = build(annotation, {}, path, key + ".")
                     continue
                 raise ConfigError(path, key, "is required")

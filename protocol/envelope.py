@@ -216,7 +216,7 @@ def read_header(data: bytes) -> tuple[Kind, dict[str, Any], int, int]:
         value = header.get(name)
         if not isinstance(value, expected) or isinstance(value, bool):
             raise CorruptMessage(f"header: {name!r} must be {expected.__name__}")
-        if expected is int and value < 0:
+        if isinstance(value, int) and value < 0:
             raise CorruptMessage(f"header: {name!r} must not be negative")
     (blen,) = _BODY_LEN.unpack_from(data, body_at - _BODY_LEN.size)
     end = body_at + blen

@@ -77,10 +77,13 @@ class NodeIdentity:
             os.fsync(fd)
         finally:
             os.close(fd)
-        if path.exists():
+        try:
+            # link() fails if the name exists, atomically: two first starts cannot both win.
+            os.link(tmp, path)
+        except FileExistsError as e:
+            raise FileExistsError(f"{path}: a key already exists; refusing to overwrite it") from e
+        finally:
             tmp.unlink()
-            raise FileExistsError(f"{path}: a key already exists; refusing to overwrite it")
-        os.rename(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -47,7 +47,8 @@ class RecordError:
         return (", ".join(where) + ": " if where else "") + f"{self.message} [{self.rule}]"
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self) | {"text": str(self)}.items() if v is not None}
+        fields = asdict(self) | {"text": str(self)}
+        return {k: v for k, v in fields.items() if v is not None}
 
 
 class RejectedInput(Exception):
