@@ -17,7 +17,8 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        ceiling = min(self.maximum, self.initial * 2**self.failures)
+        # The exponent is capped: weeks offline means thousands of failures, and 2**1100 is no float.
+        ceiling = min(self.maximum, self.initial * 2 ** min(self.failures, 60))
         self.failures += 1
         return self._rng.uniform(ceiling / 2, ceiling)
 

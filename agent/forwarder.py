@@ -52,8 +52,16 @@ class Forwarder:
     async def push_all(self) -> int:
         """Send every sealed batch in order until none is left; returns changes acked."""
         acked = 0
-        while batches := await self.store.unacked_batches(1):
-            batch = batches[0]
+        while True:
+            waiting = await self.store.unacked_batches(1)
+            if not waiting:
+                # Seal what is queued, then send the *oldest* batch: the batcher task may have
+                # sealed one meanwhile, and HQ takes batches strictly in order.
+                await self.batcher.seal_next()
+                waiting = await self.store.unacked_batches(1)
+                if not waiting:
+                    return acked
+            batch = waiting[0]
             answer = await self.client.push(batch.sealed)
             if isinstance(answer, Gap):
                 raise RejectedError(
@@ -65,6 +73,13 @@ class Forwarder:
                 raise RejectedError(
                     f"HQ acked through {answer.acked_through} after receiving batch {batch.seq}"
                 )
+            sealed_through = int((await self.store.meta())["next_batch_seq"]) - 1
+            if answer.acked_through > sealed_through:
+                raise RejectedError(
+                    f"HQ acknowledges batch {answer.acked_through} but this node sealed only "
+                    f"{sealed_through}: was this agent's database restored from a backup? "
+                    "Nothing is deleted; re-enrol this node with a new key to continue."
+                )
             released = await self.store.mark_acked(answer.acked_through)
             acked += released
             self.counters.batches_sent += 1
@@ -73,10 +88,6 @@ class Forwarder:
             self._contact()
             self.batcher.batch_limit = min(self.batcher.max_changes, self.batcher.batch_limit * 2)
             self.batcher.acked.set()
-            if not await self.store.unacked_batches(1):
-                # Let the batcher seal what is waiting before deciding we are done.
-                await self.batcher.seal_next()
-        return acked
 
     async def pull_all(self) -> int:
         """Apply downstream pages until HQ says there is no more; returns records changed."""
@@ -116,7 +127,9 @@ class Forwarder:
                 await self.sync_once()
             except HQError as e:
                 delay = self.backoff.next_delay()
-                self.batcher.batch_limit = max(MIN_BATCH_LIMIT, self.batcher.batch_limit // 2)
+                self.batcher.batch_limit = min(
+                    self.batcher.max_changes, max(MIN_BATCH_LIMIT, self.batcher.batch_limit // 2)
+                )
                 log.warning("sync failed (retry in %.1f s): %s", delay, e)
                 await self._record(str(e))
                 await wait_any(delay, stop)

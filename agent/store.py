@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import msgpack
@@ -27,6 +27,8 @@ import orjson
 from protocol.change import OPS, Change, Op
 from protocol.hlc import HybridClock, physical_ms
 from protocol.merge import NO_STAMP, RecordState, apply_change
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
@@ -117,7 +119,8 @@ class AgentStore:
         self._reader = reader
         self.node_id = node_id
         self.clock = HybridClock()
-        self._commit_lock = asyncio.Lock()
+        self._commit_lock = asyncio.Lock()  # one write transaction at a time
+        self._group_lock = asyncio.Lock()  # one group commit being formed at a time
         self._pending: list[tuple[Sequence[Write], asyncio.Future[list[WriteResult]]]] = []
         self.changed = asyncio.Event()  # set after every commit that queued changes
 
@@ -150,6 +153,28 @@ class AgentStore:
         await self._reader.close()
         await self._writer.close()
 
+    async def _transaction(self, body: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """Run `body` in one write transaction (BEGIN IMMEDIATE .. COMMIT, ROLLBACK on error).
+
+        Shielded, lock included: aiosqlite finishes a call even when its caller is cancelled, so a
+        cancelled caller (a client that went away, shutdown) must not release the lock while its
+        transaction is still open on the shared writer connection.
+        """
+
+        async def run() -> T:
+            async with self._commit_lock:
+                db = self._writer
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = await body(db)
+                    await db.execute("COMMIT")
+                    return result
+                except BaseException:
+                    await db.execute("ROLLBACK")
+                    raise
+
+        return await asyncio.shield(run())
+
     # ---- metadata -------------------------------------------------------------------------
 
     async def meta(self) -> dict[str, Any]:
@@ -157,10 +182,10 @@ class AgentStore:
             return {k: v async for k, v in cursor}
 
     async def set_meta(self, **values: Any) -> None:
-        async with self._commit_lock:
-            await self._writer.executemany(
-                "INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", values.items()
-            )
+        async def body(db: aiosqlite.Connection) -> None:
+            await db.executemany("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", values.items())
+
+        await self._transaction(body)
 
     # ---- capture: group-committed writes ----------------------------------------------------
 
@@ -168,109 +193,106 @@ class AgentStore:
         """Durably apply local writes; returns once they are fsync'd. Shares commits with peers."""
         future: asyncio.Future[list[WriteResult]] = asyncio.get_running_loop().create_future()
         self._pending.append((writes, future))
-        async with self._commit_lock:
+        async with self._group_lock:
             if not future.done():
+                # Everyone queued while the previous commit ran shares this one.
                 group, self._pending = self._pending, []
-                # Shielded: a caller that disconnects must not abort the others' commit.
+                # Shielded: if this caller goes away, the others in its group still get answers.
                 await asyncio.shield(self._commit_group(group))
         return await future
 
     async def _commit_group(
         self, group: list[tuple[Sequence[Write], asyncio.Future[list[WriteResult]]]]
     ) -> None:
+        writes = [w for batch, _ in group for w in batch]
         try:
-            results = await self._commit_writes([w for writes, _ in group for w in writes])
+            results = await self._transaction(lambda db: self._commit_writes(db, writes))
         except Exception as e:
             for _, future in group:
                 if not future.done():
                     future.set_exception(StoreError(f"commit local writes: {e}"))
             return
         offset = 0
-        for writes, future in group:
+        for batch, future in group:
             if not future.done():
-                future.set_result(results[offset : offset + len(writes)])
-            offset += len(writes)
+                future.set_result(results[offset : offset + len(batch)])
+            offset += len(batch)
         if any(r.seq is not None for r in results):
             self.changed.set()
 
-    async def _commit_writes(self, writes: Sequence[Write]) -> list[WriteResult]:
-        db = self._writer
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            meta = {
-                k: v
-                async for k, v in await db.execute(
-                    "SELECT k, v FROM meta WHERE k IN ('next_change_seq', 'clock_last')"
-                )
-            }
-            next_seq = int(meta["next_change_seq"])
-            self.clock.observe(int(meta["clock_last"]))  # the CLI may write beside the daemon
-            states = await _load_states(db, ((w.collection, w.key) for w in writes))
-            dirty: dict[tuple[str, str], RecordState] = {}
-            outbox: list[tuple[Any, ...]] = []
-            results: list[WriteResult] = []
-            for w in writes:
-                state = states.get((w.collection, w.key))
-                if state is None and w.op == "upsert":
-                    # New record, the common case of field capture: every field is written.
-                    hlc = self.clock.now()
-                    stamp = (hlc, self.node_id)
-                    fields = w.fields
-                    state = RecordState(dict(fields), dict.fromkeys(fields, stamp))
-                    parent = 0
-                else:
-                    state = state or RecordState()
-                    if w.op == "upsert":
-                        fields = {
-                            name: value
-                            for name, value in w.fields.items()
-                            if name not in state.stamps or state.values[name] != value
-                        }
-                        if not fields:
-                            results.append(WriteResult(w.key, None, None))
-                            continue
-                    elif not state.alive:
+    async def _commit_writes(
+        self, db: aiosqlite.Connection, writes: Sequence[Write]
+    ) -> list[WriteResult]:
+        meta = {
+            k: v
+            async for k, v in await db.execute(
+                "SELECT k, v FROM meta WHERE k IN ('next_change_seq', 'clock_last')"
+            )
+        }
+        next_seq = int(meta["next_change_seq"])
+        self.clock.observe(int(meta["clock_last"]))  # the CLI may write beside the daemon
+        states = await _load_states(db, ((w.collection, w.key) for w in writes))
+        dirty: dict[tuple[str, str], RecordState] = {}
+        outbox: list[tuple[Any, ...]] = []
+        results: list[WriteResult] = []
+        for w in writes:
+            state = states.get((w.collection, w.key))
+            if state is None and w.op == "upsert":
+                # New record, the common case of field capture: every field is written.
+                hlc = self.clock.now()
+                stamp = (hlc, self.node_id)
+                fields = w.fields
+                state = RecordState(dict(fields), dict.fromkeys(fields, stamp))
+                parent = 0
+            else:
+                state = state or RecordState()
+                if w.op == "upsert":
+                    fields = {
+                        name: value
+                        for name, value in w.fields.items()
+                        if name not in state.stamps or state.values[name] != value
+                    }
+                    if not fields:
                         results.append(WriteResult(w.key, None, None))
                         continue
-                    else:
-                        fields = {}
-                    hlc = self.clock.now()
-                    parent = state.version
-                    apply_change(
-                        state,
-                        Change(w.collection, w.key, w.op, fields, hlc, parent, self.node_id, 0),
-                    )
-                states[(w.collection, w.key)] = state
-                dirty[(w.collection, w.key)] = state
-                outbox.append(
-                    (
-                        next_seq,
-                        w.collection,
-                        w.key,
-                        OPS.index(w.op),
-                        msgpack.packb(fields, use_bin_type=True),
-                        hlc,
-                        parent,
-                    )
+                elif not state.alive:
+                    results.append(WriteResult(w.key, None, None))
+                    continue
+                else:
+                    fields = {}
+                hlc = self.clock.now()
+                parent = state.version
+                apply_change(
+                    state,
+                    Change(w.collection, w.key, w.op, fields, hlc, parent, self.node_id, 0),
                 )
-                results.append(WriteResult(w.key, next_seq, hlc))
-                next_seq += 1
-            if outbox:
-                await _save_states(db, dirty)
-                await db.executemany(
-                    "INSERT INTO outbox (seq, collection, key, op, fields, hlc, parent)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    outbox,
+            states[(w.collection, w.key)] = state
+            dirty[(w.collection, w.key)] = state
+            outbox.append(
+                (
+                    next_seq,
+                    w.collection,
+                    w.key,
+                    OPS.index(w.op),
+                    msgpack.packb(fields, use_bin_type=True),
+                    hlc,
+                    parent,
                 )
-                await db.executemany(
-                    "UPDATE meta SET v = ? WHERE k = ?",
-                    [(next_seq, "next_change_seq"), (self.clock.last, "clock_last")],
-                )
-            await db.execute("COMMIT")
-            return results
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
+            )
+            results.append(WriteResult(w.key, next_seq, hlc))
+            next_seq += 1
+        if outbox:
+            await _save_states(db, dirty)
+            await db.executemany(
+                "INSERT INTO outbox (seq, collection, key, op, fields, hlc, parent)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                outbox,
+            )
+            await db.executemany(
+                "UPDATE meta SET v = ? WHERE k = ?",
+                [(next_seq, "next_change_seq"), (self.clock.last, "clock_last")],
+            )
+        return results
 
     # ---- reads for the local API ------------------------------------------------------------
 
@@ -282,15 +304,18 @@ class AgentStore:
             row = await cursor.fetchone()
         return None if row is None else orjson.loads(row[0])
 
-    async def list_records(
+    async def page(
         self,
         collection: str,
         filters: dict[str, Any] | None = None,
         after: str | None = None,
         limit: int = 100,
-    ) -> list[dict[str, Any]]:
-        """Live records in key order, `filters` matching field values exactly, paged by key."""
-        sql = ["SELECT data FROM records WHERE collection = ? AND alive"]
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Live records in key order, `filters` matching field values exactly, paged by key.
+
+        Returns the records and the key to pass as `after` for the next page (None at the end).
+        """
+        sql = ["SELECT key, data FROM records WHERE collection = ? AND alive"]
         params: list[Any] = [collection]
         for name, value in (filters or {}).items():
             if not FIELD_NAME.match(name):
@@ -303,7 +328,20 @@ class AgentStore:
         sql.append("ORDER BY key LIMIT ?")
         params.append(limit)
         async with self._reader.execute(" ".join(sql), params) as cursor:
-            return [orjson.loads(row[0]) async for row in cursor]
+            rows = [(key, orjson.loads(data)) async for key, data in cursor]
+        next_after = rows[-1][0] if len(rows) == limit else None
+        return [record for _, record in rows], next_after
+
+    async def list_records(
+        self,
+        collection: str,
+        filters: dict[str, Any] | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """One page of `page()`, without the continuation key."""
+        records, _ = await self.page(collection, filters, after, limit)
+        return records
 
     async def count(self, collection: str) -> int:
         async with self._reader.execute(
@@ -344,27 +382,23 @@ class AgentStore:
 
     async def add_batch(self, batch: SealedBatch, created_ms: int) -> None:
         """Record a sealed batch and advance `sealed_through`, atomically."""
-        async with self._commit_lock:
-            db = self._writer
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                async with db.execute("SELECT v FROM meta WHERE k = 'next_batch_seq'") as cursor:
-                    row = await cursor.fetchone()
-                if row is None or int(row[0]) != batch.seq:
-                    raise StoreError(f"batch {batch.seq} is not the next batch ({row})")
-                await db.execute(
-                    "INSERT INTO batches (seq, first, last, count, sealed, created_ms)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (batch.seq, batch.first, batch.last, batch.count, batch.sealed, created_ms),
-                )
-                await db.executemany(
-                    "UPDATE meta SET v = ? WHERE k = ?",
-                    [(batch.seq + 1, "next_batch_seq"), (batch.last, "sealed_through")],
-                )
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
+
+        async def body(db: aiosqlite.Connection) -> None:
+            async with db.execute("SELECT v FROM meta WHERE k = 'next_batch_seq'") as cursor:
+                row = await cursor.fetchone()
+            if row is None or int(row[0]) != batch.seq:
+                raise StoreError(f"batch {batch.seq} is not the next batch ({row})")
+            await db.execute(
+                "INSERT INTO batches (seq, first, last, count, sealed, created_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (batch.seq, batch.first, batch.last, batch.count, batch.sealed, created_ms),
+            )
+            await db.executemany(
+                "UPDATE meta SET v = ? WHERE k = ?",
+                [(batch.seq + 1, "next_batch_seq"), (batch.last, "sealed_through")],
+            )
+
+        await self._transaction(body)
 
     async def unacked_batches(self, limit: int) -> list[SealedBatch]:
         async with self._reader.execute(
@@ -377,62 +411,54 @@ class AgentStore:
 
         Returns the number of changes released.
         """
-        async with self._commit_lock:
-            db = self._writer
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                async with db.execute(
-                    "SELECT max(last), coalesce(sum(count), 0), coalesce(sum(length(sealed)), 0)"
-                    " FROM batches WHERE seq <= ?",
-                    (acked_through,),
-                ) as cursor:
-                    row = await cursor.fetchone()
-                last, count, size = row or (None, 0, 0)
-                if last is not None:
-                    await db.execute("DELETE FROM outbox WHERE seq <= ?", (last,))
-                    await db.execute("DELETE FROM batches WHERE seq <= ?", (acked_through,))
-                await db.execute(
-                    "UPDATE meta SET v = max(v, ?) WHERE k = 'acked_batch'", (acked_through,)
-                )
-                await db.execute("UPDATE meta SET v = v + ? WHERE k = 'acked_changes'", (count,))
-                await db.execute("UPDATE meta SET v = v + ? WHERE k = 'sent_bytes'", (size,))
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-        return int(count)
+
+        async def body(db: aiosqlite.Connection) -> int:
+            async with db.execute(
+                "SELECT max(last), coalesce(sum(count), 0), coalesce(sum(length(sealed)), 0)"
+                " FROM batches WHERE seq <= ?",
+                (acked_through,),
+            ) as cursor:
+                row = await cursor.fetchone()
+            last, count, size = row or (None, 0, 0)
+            if last is not None:
+                await db.execute("DELETE FROM outbox WHERE seq <= ?", (last,))
+                await db.execute("DELETE FROM batches WHERE seq <= ?", (acked_through,))
+            await db.execute(
+                "UPDATE meta SET v = max(v, ?) WHERE k = 'acked_batch'", (acked_through,)
+            )
+            await db.execute("UPDATE meta SET v = v + ? WHERE k = 'acked_changes'", (count,))
+            await db.execute("UPDATE meta SET v = v + ? WHERE k = 'sent_bytes'", (size,))
+            return int(count)
+
+        return await self._transaction(body)
 
     # ---- downstream --------------------------------------------------------------------------
 
     async def apply_feed(self, changes: Sequence[Change], cursor: int) -> int:
         """Merge HQ's downstream changes and advance the feed cursor in one transaction."""
-        async with self._commit_lock:
-            db = self._writer
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                states = await _load_states(db, ((c.collection, c.key) for c in changes))
-                dirty: dict[tuple[str, str], RecordState] = {}
-                for change in changes:
-                    if change.origin == self.node_id:
-                        continue
-                    state = states.setdefault((change.collection, change.key), RecordState())
-                    apply_change(state, change)
-                    dirty[(change.collection, change.key)] = state
-                    # A timestamp from a clock far ahead still merges (replicas must converge) but
-                    # must not drag this clock into the future with it.
-                    ahead = physical_ms(change.hlc) - self.clock.physical()
-                    if ahead <= self.clock.max_drift_ms:
-                        self.clock.observe(change.hlc)
-                await _save_states(db, dirty)
-                await db.executemany(
-                    "UPDATE meta SET v = ? WHERE k = ?",
-                    [(cursor, "feed_cursor"), (self.clock.last, "clock_last")],
-                )
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-        return len(dirty)
+
+        async def body(db: aiosqlite.Connection) -> int:
+            states = await _load_states(db, ((c.collection, c.key) for c in changes))
+            dirty: dict[tuple[str, str], RecordState] = {}
+            for change in changes:
+                if change.origin == self.node_id:
+                    continue
+                state = states.setdefault((change.collection, change.key), RecordState())
+                apply_change(state, change)
+                dirty[(change.collection, change.key)] = state
+                # A timestamp from a clock far ahead still merges (replicas must converge) but
+                # must not drag this clock into the future with it.
+                ahead = physical_ms(change.hlc) - self.clock.physical()
+                if ahead <= self.clock.max_drift_ms:
+                    self.clock.observe(change.hlc)
+            await _save_states(db, dirty)
+            await db.executemany(
+                "UPDATE meta SET v = ? WHERE k = ?",
+                [(cursor, "feed_cursor"), (self.clock.last, "clock_last")],
+            )
+            return len(dirty)
+
+        return await self._transaction(body)
 
     # ---- status ------------------------------------------------------------------------------
 

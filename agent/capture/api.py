@@ -174,11 +174,9 @@ async def list_records(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text=f"limit must be between 1 and {MAX_PAGE}")
     filters = {name: _query_value(value) for name, value in query.items()}
     try:
-        records = await request.app[STORE_KEY].list_records(collection, filters, after, limit)
+        records, next_after = await request.app[STORE_KEY].page(collection, filters, after, limit)
     except ValueError as e:
         raise web.HTTPBadRequest(text=str(e)) from e
-    key_field = request.app[CONFIG_KEY].collections[collection].key
-    next_after = str(records[-1].get(key_field)) if len(records) == limit else None
     return web.json_response({"records": records, "next_after": next_after})
 
 

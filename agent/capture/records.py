@@ -7,6 +7,7 @@ whichever door it came through. Errors name the source, line, record key, field 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -85,19 +86,55 @@ def _checked_int(text: str) -> int:
 
 
 _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
-_TWENTY_DIGITS = b"0" * 20
+# 19 digits can already overflow int64 (-9223372036854775809): such input takes the exact parser.
+_LONG_NUMBER = b"0" * 19
+MAX_DEPTH = 32
+
+
+def _refuse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:30]} is out of range")
+    return value
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
 
 
 def loads_record(text: str | bytes) -> Any:
-    """Parse JSON, refusing what cannot be stored and sent: NaN, infinity, integers over 64 bits.
+    """Parse JSON, refusing what cannot be stored and sent: NaN, infinity, integers beyond 64 bits,
+    lone surrogates, nesting deeper than MAX_DEPTH.
 
-    orjson (several times faster than json) refuses NaN but reads an over-long integer as a float,
-    silently; input holding a run of 20+ digits therefore goes through the exact stdlib parser.
+    orjson (several times faster than json) refuses NaN and lone surrogates but reads an over-long
+    integer as a float, silently; input holding a run of 19+ digits therefore goes through the exact
+    stdlib parser, whose result is checked by encoding it with orjson.
     """
     data = text.encode() if isinstance(text, str) else text
-    if _TWENTY_DIGITS not in data.translate(_DIGITS_AS_ZERO):
-        return orjson.loads(data)
-    return json.loads(data, parse_constant=_refuse_constant, parse_int=_checked_int)
+    if _LONG_NUMBER not in data.translate(_DIGITS_AS_ZERO):
+        value = orjson.loads(data)
+    else:
+        try:
+            value = json.loads(
+                data,
+                parse_constant=_refuse_constant,
+                parse_int=_checked_int,
+                parse_float=_refuse_float,
+            )
+        except RecursionError as e:
+            raise ValueError(f"nesting deeper than {MAX_DEPTH} levels") from e
+        try:
+            orjson.dumps(value)
+        except (TypeError, orjson.JSONEncodeError) as e:
+            raise ValueError(f"not storable: {e}") from e
+    # Brackets counted first (C speed): only input with that many can be nested too deep.
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+        raise ValueError(f"nesting deeper than {MAX_DEPTH} levels")
+    return value
 
 
 def record_to_write(
