@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from protocol.files import atomic_write
 from protocol.transport import b64, unb64
 
 
@@ -18,19 +18,10 @@ class Enrolment:
     hq_public_key: bytes
 
     def save(self, path: Path) -> None:
-        """Atomic write: temp file, fsync, rename, fsync the folder."""
+        """Atomically and durably (see protocol.files)."""
         data = asdict(self) | {"hq_public_key": b64(self.hq_public_key)}
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(path, mode=0o600, text=True) as f:
             json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
     @classmethod
     def load(cls, path: Path) -> Enrolment:

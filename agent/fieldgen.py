@@ -25,17 +25,16 @@ Design choices, and why:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
-import tempfile
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from datetime import date
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from protocol.files import atomic_write
 
 __all__ = [
     "ADMIN1_COUNTRY",
@@ -822,37 +821,11 @@ def write_ndjson(path: Path | str, collection: str, count: int, seed: int = 1) -
     sizes realistic.  The output is byte-identical for the same (collection, count, seed).
     """
     iterator = records(collection, count, seed=seed)  # validates before any file is created
-    target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     written = 0
-    try:
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a dataset is meant to be shared
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-            for record in iterator:
-                handle.write(dumps(record))
-                handle.write("\n")
-                written += 1
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(target.parent)
+    with atomic_write(path, mode=0o644, text=True) as handle:  # a dataset is meant to be shared
+        dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+        for record in iterator:
+            handle.write(dumps(record))
+            handle.write("\n")
+            written += 1
     return written
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist the rename itself; best effort because some platforms cannot open directories."""
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from protocol.errors import BadSignature
+from protocol.files import atomic_write
 
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
@@ -70,25 +70,8 @@ class NodeIdentity:
             serialization.NoEncryption(),
         )
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            # link() fails if the name exists, atomically: two first starts cannot both win.
-            os.link(tmp, path)
-        except FileExistsError as e:
-            raise FileExistsError(f"{path}: a key already exists; refusing to overwrite it") from e
-        finally:
-            tmp.unlink()
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        with atomic_write(path, mode=0o600, exclusive=True) as f:
+            f.write(pem)
 
     @classmethod
     def load(cls, path: Path) -> NodeIdentity:
