@@ -23,9 +23,14 @@ def test_replaces_whole_file_with_mode(tmp_path: Path) -> None:
 def test_an_error_while_writing_keeps_the_old_file_and_no_temp(tmp_path: Path) -> None:
     target = tmp_path / "f.bin"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError), atomic_write(target) as f:
-        f.write(b"half")
-        raise RuntimeError("crash mid-write")
+
+    def crash_mid_write() -> None:
+        with atomic_write(target) as f:
+            f.write(b"half")
+            raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        crash_mid_write()
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
