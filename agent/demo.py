@@ -46,7 +46,13 @@ class LocalDeployment:
     """HQ and one agent as real processes on 127.0.0.1, in one folder: used by `make run`, the
     benchmarks and the end-to-end tests, so all three exercise exactly what an operator runs."""
 
-    def __init__(self, root: Path, *, sync: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        sync: dict[str, Any] | None = None,
+        hq_settings: dict[str, Any] | None = None,
+    ) -> None:
         self.root = root
         self.hq_port = _free_port()
         self.api_port = _free_port()
@@ -55,6 +61,7 @@ class LocalDeployment:
         self.hq_proc: subprocess.Popen[str] | None = None
         self.agent_proc: subprocess.Popen[str] | None = None
         self.procs: list[subprocess.Popen[str]] = []
+        self.hq_settings = hq_settings or {}
         self.sync = {
             "backoff_initial_s": 0.5,
             "backoff_max_s": 2.0,
@@ -65,9 +72,10 @@ class LocalDeployment:
 
     def _write_configs(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.hq_settings.items())
         self.hq_config.write_text(
             f'[hq]\ndata_dir = "{(self.root / "hq").resolve()}"\n'
-            f'listen = "127.0.0.1:{self.hq_port}"\nlog_level = "warning"\n'
+            f'listen = "127.0.0.1:{self.hq_port}"\nlog_level = "warning"\n{extra}'
         )
         sync = "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.sync.items())
         self.agent_config.write_text(

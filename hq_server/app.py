@@ -30,6 +30,9 @@ from hq_server.feed import FeedService, authenticate
 from hq_server.ingest import Ingestor, peek_signer
 from hq_server.keys import load_or_create_identity
 from hq_server.logs import event
+from hq_server.routing.config import load_routes
+from hq_server.routing.router import Router
+from hq_server.routing.state import RouterStore
 from hq_server.store import (
     EnrollmentRefused,
     HQStore,
@@ -85,6 +88,7 @@ class HQState:
     clock: HybridClock
     ingestor: Ingestor
     feed: FeedService
+    router: Router | None = None  # routes changes onward, when hq.routes_file is set
 
 
 CONFIG = web.AppKey("fieldsync_config", HQConfig)
@@ -214,6 +218,8 @@ async def _post_batch(request: web.Request) -> web.Response:
         skipped=result.skipped,
         **({"flagged": True} if outcome.flag else {}),
     )
+    if result.appended and state.router is not None:
+        state.router.notify()
     if result.status is IngestStatus.GAP or outcome.ack is None:
         return _json_error(
             409,
@@ -299,10 +305,14 @@ def create_app(config: HQConfig, *, wall: Callable[[], int] = system_ms) -> web.
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         section = config.hq
+        routes = load_routes(section.routes_file) if section.routes_file else None
         identity = await asyncio.to_thread(load_or_create_identity, section.key_path)
         store = SQLiteHQStore(section.db_path, wall=wall)
         await store.open()
         clock = HybridClock(wall, max_drift_ms=section.max_clock_ahead_s * 1000)
+        router = Router(routes, RouterStore(store), wall=wall) if routes else None
+        router_stop = asyncio.Event()
+        router_task: asyncio.Task[None] | None = None
         try:
             saved = await store.get_meta(CLOCK_META_KEY)
             if saved is not None:
@@ -320,10 +330,22 @@ def create_app(config: HQConfig, *, wall: Callable[[], int] = system_ms) -> web.
                     page_size=section.feed_page_size,
                     max_bytes=section.max_raw_bytes // 2,
                 ),
+                router=router,
             )
+            if router is not None:
+                router_task = asyncio.create_task(router.run(router_stop), name="router")
             event(log, logging.INFO, "HQ ready", hq_node_id=identity.node_id, db=section.db_path)
             yield
         finally:
+            router_stop.set()
+            if router_task is not None:
+                try:
+                    async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+                        await router_task
+                except TimeoutError:
+                    event(log, logging.WARNING, "router did not stop in time; cancelled")
+                except Exception:
+                    event(log, logging.ERROR, "router failed", exc_info=True)
             try:
                 await store.set_meta(CLOCK_META_KEY, str(clock.last))
             except StoreError as e:

@@ -24,6 +24,10 @@ from hq_server.app import ServeError, serve
 from hq_server.config import HQConfig, load_config
 from hq_server.keys import HQKeyError
 from hq_server.logs import setup_logging
+from hq_server.routing.config import RoutesConfig, load_routes
+from hq_server.routing.mapping import MappingError
+from hq_server.routing.router import describe, map_change
+from hq_server.routing.state import RouterStore, RouteState, SourceChange
 from hq_server.store import Node, SQLiteHQStore, StoreError
 from protocol.config import ConfigError
 from protocol.transport import b64
@@ -105,6 +109,8 @@ def serve_command(config_path: Path) -> None:
 
     try:
         asyncio.run(_serve(config, ready))
+    except ConfigError as e:
+        _fail(str(e), 2)
     except (ServeError, StoreError, HQKeyError) as e:
         _fail(str(e))
 
@@ -272,6 +278,276 @@ def audit_command(config_path: Path, verify: bool) -> None:
             "detail": entry.detail,
         }
         click.echo(json.dumps(line, ensure_ascii=False))
+
+
+# -- routes and the dead-letter queue
+
+
+def _routes(config: HQConfig) -> RoutesConfig:
+    if config.hq.routes_file is None:
+        _fail("hq.routes_file is not set in the config: no routes are configured", 2)
+    try:
+        return load_routes(config.hq.routes_file)
+    except ConfigError as e:
+        _fail(str(e), 2)
+
+
+def _markdown(rows: Sequence[Sequence[str]]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    header, *body = rows
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in body]
+    return "\n".join(lines)
+
+
+@main.command("routes")
+@config_option
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "json", "markdown"]),
+    default="table",
+    show_default=True,
+)
+def routes_command(config_path: Path, output: str) -> None:
+    """Inventory of every route: source, target, data, mapping, trigger, error handling, owner,
+    state, with delivery counts and the dead-letter backlog."""
+    config = _load(config_path)
+    routes = _routes(config)
+
+    async def gather(store: SQLiteHQStore) -> tuple[dict[str, RouteState], dict[str, int]]:
+        router_store = RouterStore(store)
+        await router_store.open()
+        states = await router_store.states()
+        dead = {name: await router_store.count_dead_letters(name) for name in routes.routes}
+        return states, dead
+
+    states, dead = _with_store(config, gather)
+    entries = []
+    for name, route in routes.routes.items():
+        entry = describe(route)
+        state = states.get(name, RouteState(name))
+        entry |= {
+            "delivered": state.delivered,
+            "dead_letters_open": dead[name],
+            "position": state.cursor,
+            "last_error": state.last_error or "",
+        }
+        entries.append(entry)
+    if output == "json":
+        click.echo(json.dumps(entries, indent=2, ensure_ascii=False))
+        return
+    columns = [
+        "name",
+        "state",
+        "source",
+        "filter",
+        "mapping",
+        "target",
+        "trigger",
+        "error_handling",
+        "owner",
+        "delivered",
+        "dead_letters_open",
+    ]
+    rows = [[c.upper().replace("_", " ") for c in columns]]
+    rows += [[str(e[c]) for c in columns] for e in entries]
+    click.echo(_markdown(rows) if output == "markdown" else _table(rows))
+
+
+@main.group("route")
+def route_group() -> None:
+    """Work with one route."""
+
+
+@route_group.command("test")
+@config_option
+@click.argument("name")
+@click.option(
+    "--input",
+    "input_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Sample source records: one JSON object, a JSON array, or NDJSON.",
+)
+def route_test(config_path: Path, name: str, input_path: Path) -> None:
+    """Show what route NAME would deliver for sample input (dry run: nothing is sent)."""
+    routes = _routes(_load(config_path))
+    route = routes.routes.get(name)
+    if route is None:
+        _fail(f"no route {name!r} (known: {', '.join(sorted(routes.routes)) or 'none'})")
+    text = input_path.read_text(encoding="utf-8").strip()
+    try:
+        loaded = json.loads(text)
+        samples = loaded if isinstance(loaded, list) else [loaded]
+    except json.JSONDecodeError:
+        try:
+            samples = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            _fail(f"{input_path}: line {e.lineno}: not JSON: {e.msg}")
+    collection = route.section.sources[0]
+    for number, record in enumerate(samples, start=1):
+        if not isinstance(record, dict):
+            _fail(f"{input_path}: sample {number} is not a JSON object")
+        change = SourceChange(0, "sample", number, collection, str(number), "upsert", record)
+        if not route.wants(collection, record):
+            click.echo(json.dumps({"sample": number, "filtered_out": True}))
+            continue
+        try:
+            mapped = map_change(route, change)
+        except MappingError as e:
+            click.echo(json.dumps({"sample": number, "mapping_error": str(e)}))
+            continue
+        for item in mapped:
+            click.echo(
+                json.dumps(
+                    {"sample": number, "target_key": item.target_key, "record": item.payload},
+                    ensure_ascii=False,
+                )
+            )
+
+
+@main.group("dlq")
+def dlq_group() -> None:
+    """The dead-letter queue: deliveries that were rejected or ran out of attempts."""
+
+
+def _router_store(config: HQConfig, work: Callable[[RouterStore], Awaitable[T]]) -> T:
+    async def run(store: SQLiteHQStore) -> T:
+        router_store = RouterStore(store)
+        await router_store.open()
+        return await work(router_store)
+
+    return _with_store(config, run)
+
+
+@dlq_group.command("list")
+@config_option
+@click.option("--route", "route_name", help="Only this route.")
+@click.option(
+    "--status",
+    type=click.Choice(["open", "resubmit", "delivered", "discarded", "all"]),
+    default="open",
+    show_default=True,
+)
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def dlq_list(
+    config_path: Path, route_name: str | None, status: str, limit: int, as_json: bool
+) -> None:
+    """List dead letters (oldest first)."""
+    letters = _router_store(
+        _load(config_path),
+        lambda rs: rs.dead_letters(
+            route=route_name, status=None if status == "all" else status, limit=limit
+        ),
+    )
+    if as_json:
+        for letter in letters:
+            click.echo(json.dumps(letter.to_json(), ensure_ascii=False))
+        return
+    rows = [["ID", "ROUTE", "KEY", "REASON", "ATTEMPTS", "LAST FAILED", "STATUS", "ERROR"]]
+    rows += [
+        [
+            str(d.id),
+            d.route,
+            f"{d.collection}/{d.key}",
+            d.reason,
+            str(d.attempts),
+            _when(d.last_failed_at),
+            d.status,
+            d.error[:60],
+        ]
+        for d in letters
+    ]
+    click.echo(_table(rows))
+
+
+@dlq_group.command("show")
+@config_option
+@click.argument("dead_id", type=int)
+def dlq_show(config_path: Path, dead_id: int) -> None:
+    """Everything about one dead letter: the change, the mapped payload, the error, the times."""
+    letter = _router_store(_load(config_path), lambda rs: rs.dead_letter(dead_id))
+    if letter is None:
+        _fail(f"no dead letter {dead_id}")
+    data = letter.to_json() | {
+        "first_failed_at": _iso(letter.first_failed_at),
+        "last_failed_at": _iso(letter.last_failed_at),
+        "resolved_at": _iso(letter.resolved_at),
+    }
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _dlq_ids(
+    config: HQConfig, ids: tuple[int, ...], route_name: str | None, every: bool
+) -> list[int]:
+    if ids and (route_name or every):
+        _fail("give dead-letter ids, or --route NAME --all, not both", 2)
+    if ids:
+        return list(ids)
+    if not (route_name and every):
+        _fail("give dead-letter ids, or --route NAME --all", 2)
+    letters = _router_store(
+        config, lambda rs: rs.dead_letters(route=route_name, status="open", limit=1_000_000)
+    )
+    return [d.id for d in letters]
+
+
+@dlq_group.command("resubmit")
+@config_option
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--route", "route_name", help="With --all: every open dead letter of this route.")
+@click.option("--all", "every", is_flag=True)
+def dlq_resubmit(
+    config_path: Path, ids: tuple[int, ...], route_name: str | None, every: bool
+) -> None:
+    """Deliver dead letters again, through the route's *current* mapping and sink (after a fix).
+    The running server picks them up; audited."""
+    config = _load(config_path)
+    chosen = _dlq_ids(config, ids, route_name, every)
+    changed = _router_store(
+        config,
+        lambda rs: rs.set_status(
+            chosen, "resubmit", actor=_actor(), now_ms=int(time.time() * 1000)
+        ),
+    )
+    click.echo(
+        f"resubmitted {len(changed)} dead letter(s)" + (f": {_ids(changed)}" if changed else "")
+    )
+    if len(changed) < len(chosen):
+        _fail(f"not open (already handled or unknown): {_ids(sorted(set(chosen) - set(changed)))}")
+
+
+@dlq_group.command("discard")
+@config_option
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--route", "route_name", help="With --all: every open dead letter of this route.")
+@click.option("--all", "every", is_flag=True)
+@click.option("--reason", required=True, help="Why they are discarded (kept in the audit log).")
+def dlq_discard(
+    config_path: Path, ids: tuple[int, ...], route_name: str | None, every: bool, reason: str
+) -> None:
+    """Give up on dead letters for good (they stay listed as discarded); audited."""
+    config = _load(config_path)
+    chosen = _dlq_ids(config, ids, route_name, every)
+    changed = _router_store(
+        config,
+        lambda rs: rs.set_status(
+            chosen, "discarded", actor=_actor(), note=reason, now_ms=int(time.time() * 1000)
+        ),
+    )
+    click.echo(
+        f"discarded {len(changed)} dead letter(s)" + (f": {_ids(changed)}" if changed else "")
+    )
+    if len(changed) < len(chosen):
+        _fail(f"not open (already handled or unknown): {_ids(sorted(set(chosen) - set(changed)))}")
+
+
+def _ids(ids: Sequence[int]) -> str:
+    return ", ".join(map(str, ids))
 
 
 if __name__ == "__main__":

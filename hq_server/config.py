@@ -73,6 +73,11 @@ class HQSection:
         72.0, "Default lifetime of an enrolment token, in hours.", positive
     )
     log_level: str = setting("info", "Log level: debug, info, warning or error.", _log_level)
+    routes_file: Path | None = setting(
+        None,
+        "TOML file of routes and mappings that deliver HQ's changes onward to business systems "
+        "(see config/routes.example.toml). Not set: nothing is routed.",
+    )
 
     @property
     def db_path(self) -> Path:
@@ -120,6 +125,7 @@ def finish(config: HQConfig, source: Path | str) -> HQConfig:
             data_dir=data_dir,
             tls_cert=_resolve(section.tls_cert, base),
             tls_key=_resolve(section.tls_key, base),
+            routes_file=_resolve(section.routes_file, base),
         )
     )
 

@@ -507,6 +507,23 @@ class SQLiteHQStore:
                     raise StoreError(f"{step}: {e}") from e
                 raise
 
+    def transaction(
+        self, step: str
+    ) -> contextlib.AbstractAsyncContextManager[aiosqlite.Connection]:
+        """A serialized write transaction, for modules keeping their own tables in this database
+        (the router): one writer, so their writes and ingest never contend."""
+        return self._transaction(step)
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Read-only query on the reader connection; sqlite3 errors become StoreError."""
+        return await self._read(sql, params)
+
+    async def audit(
+        self, conn: aiosqlite.Connection, actor: str, action: str, detail: dict[str, Any]
+    ) -> None:
+        """Append a hash-chained audit entry inside the caller's transaction."""
+        await self._audit(conn, actor, action, detail)
+
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:
             return list(await self._r.execute_fetchall(sql, params))

@@ -152,16 +152,21 @@ def _raise(error: Exception) -> typing.NoReturn:
     raise error
 
 
-def load(cls: type[T], path: Path | str) -> T:
-    """Read and validate a TOML file into `cls`; every failure is a ConfigError naming the file."""
+def read_toml(path: Path | str) -> dict[str, Any]:
+    """Parse a TOML file; a missing file or bad syntax is a ConfigError naming the file (and the
+    line and column, for syntax)."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError as e:
         raise ConfigError(path, "", "file not found") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "", f"not valid TOML: {e}") from e
-    return build(cls, data, path)
+
+
+def load(cls: type[T], path: Path | str) -> T:
+    """Read and validate a TOML file into `cls`; every failure is a ConfigError naming the file."""
+    return build(cls, read_toml(path), path)
 
 
 def documented_keys(cls: type, prefix: str = "") -> dict[str, str]:

@@ -49,6 +49,10 @@ class Outgoing:
 class Outcome:
     status: Delivery
     detail: str = ""  # why, for the log and the dead-letter queue; never a secret
+    # ERRORED because the target as a whole is unreachable (connection refused or reset, timeout,
+    # HTTP 502/503/504, broker down): the router waits it out without spending the item's retry
+    # budget, so an outage never dead-letters data; only item-level transient errors exhaust it.
+    target_down: bool = False
 
     @classmethod
     def delivered(cls) -> Outcome:
@@ -57,6 +61,10 @@ class Outcome:
     @classmethod
     def errored(cls, detail: str) -> Outcome:
         return cls(Delivery.ERRORED, detail)
+
+    @classmethod
+    def unavailable(cls, detail: str) -> Outcome:
+        return cls(Delivery.ERRORED, detail, target_down=True)
 
     @classmethod
     def rejected(cls, detail: str) -> Outcome:

@@ -1,0 +1,443 @@
+"""The router: each route reads HQ's change log from its own cursor, maps, and delivers in order.
+
+For each route, one loop:
+
+1. items resubmitted from the dead-letter queue are delivered first, with the *current* mapping;
+2. the next changes after the route's position are read (in log order), filtered and mapped; each
+   item carries an idempotency key derived from the change id, the route and its fan-out index;
+3. the sink answers per item: DELIVERED advances; REJECTED (and a mapping error) goes to the
+   dead-letter queue and advances; ERRORED stops the run there -- nothing behind it is delivered
+   before it, which keeps every record key in order -- and the route retries after a backoff
+   (exponential, jittered). An item that keeps failing while the target answers is dead-lettered
+   after `retry.attempts`; an unreachable target spends no attempts: the route waits, in order.
+4. the new position is stored only after the sink answered: a crash repeats, never loses.
+
+Scheduled triggers run the same loop in windows: drain what is there when the window opens, sleep
+until the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from hq_server.routing.config import Route, RoutesConfig
+from hq_server.routing.mapping import Mapped, MappingError
+from hq_server.routing.state import (
+    DeadLetter,
+    NewDeadLetter,
+    RouterStore,
+    RouteState,
+    SourceChange,
+)
+from hq_server.sinks.base import NOT_ATTEMPTED, Delivery, Outcome, Outgoing, Sink
+from protocol.hlc import system_ms
+
+log = logging.getLogger("fieldsync.hq.router")
+IDLE_POLL_S = 1.0
+
+
+def idempotency_key(route: str, origin: str, origin_seq: int, index: int) -> str:
+    """Stable across retries, restarts and re-mapping: the same change, route and fan-out slot."""
+    return f"{route}:{origin}:{origin_seq}:{index}"
+
+
+def map_change(route: Route, change: SourceChange) -> list[Mapped]:
+    """What `change` becomes for `route` (MappingError if it cannot be mapped)."""
+    if change.op == "delete":
+        # A tombstone has no fields to map from: the target deletes by the source key.
+        return [Mapped(change.key, {})]
+    if route.mapping is None:
+        return [Mapped(change.key, dict(change.record))]
+    return route.mapping.apply(change.record, key=change.key)
+
+
+def to_outgoing(route: Route, change: SourceChange, index: int, mapped: Mapped) -> Outgoing:
+    return Outgoing(
+        idempotency_key=idempotency_key(route.name, change.origin, change.origin_seq, index),
+        route=route.name,
+        collection=change.collection,
+        source_key=change.key,
+        target_key=mapped.target_key,
+        op="delete" if change.op == "delete" else "upsert",
+        payload=mapped.payload,
+        change_seq=change.seq,
+    )
+
+
+@dataclass
+class _Slot:
+    """One item of a run and where it came from."""
+
+    change: SourceChange
+    index: int
+    outgoing: Outgoing
+
+
+class RouteRunner:
+    def __init__(
+        self,
+        route: Route,
+        store: RouterStore,
+        sink: Sink,
+        *,
+        wall: Callable[[], int] = system_ms,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.route = route
+        self.store = store
+        self.sink = sink
+        self._wall = wall
+        self._rng = rng or random.Random()
+        self.wakeup = asyncio.Event()
+
+    # -- backoff
+
+    def _delay_ms(self, failures: int) -> int:
+        policy = self.route.section.retry
+        ceiling = min(policy.max_s, policy.initial_s * 2 ** min(failures - 1, 60))
+        return int(self._rng.uniform(ceiling / 2, ceiling) * 1000)
+
+    # -- one step
+
+    async def step(self) -> bool:
+        """Deliver what is due now. True if the route moved on (more may be waiting)."""
+        if await self._resubmissions():
+            return True
+        state = await self.store.state(self.route.name)
+        if state.next_attempt_at > self._wall():
+            return False
+        changes, _ = await self.store.changes(
+            self.route.section.sources, state.cursor, self.route.section.batch_size
+        )
+        if not changes:
+            return False
+        now = self._wall()
+        dead: list[NewDeadLetter] = []
+        plan = self._plan(state, changes, dead, now)
+        items = [entry.outgoing for entry in plan if isinstance(entry, _Slot)]
+        outcomes = iter(await self._send(items) if items else [])
+        cursor, partial = state.cursor, state.partial
+        delivered = 0
+        for position, entry in enumerate(plan):
+            if isinstance(entry, SourceChange):  # filtered out or dead-lettered while mapping
+                cursor, partial = entry.seq, 0
+                continue
+            outcome = next(outcomes)
+            if outcome.status is Delivery.ERRORED:
+                return await self._errored(
+                    state, entry, outcome, (cursor, partial), delivered, dead, now
+                )
+            if outcome.status is Delivery.DELIVERED:
+                delivered += 1
+            else:
+                dead.append(self._dead(entry, "rejected", outcome.detail, 1, now))
+            cursor, partial = self._after(plan, position)
+        await self.store.save(
+            replace(
+                state,
+                cursor=cursor,
+                partial=partial,
+                attempts=0,
+                failures=0,
+                next_attempt_at=0,
+                last_error=None,
+                delivered=state.delivered + delivered,
+                dead_lettered=state.dead_lettered + len(dead),
+                last_delivery_at=now if delivered else state.last_delivery_at,
+            ),
+            dead,
+            now,
+        )
+        return True
+
+    def _plan(
+        self,
+        state: RouteState,
+        changes: list[SourceChange],
+        dead: list[NewDeadLetter],
+        now: int,
+    ) -> list[_Slot | SourceChange]:
+        """The run, in log order: a slot per item to send, or the change itself when it needs no
+        delivery (filtered out, or its mapping failed -- then it is dead-lettered)."""
+        plan: list[_Slot | SourceChange] = []
+        items = 0
+        for position, change in enumerate(changes):
+            if items >= self.route.section.batch_size:
+                break
+            if change.op != "delete" and not self.route.wants(change.collection, change.record):
+                plan.append(change)
+                continue
+            try:
+                mapped = map_change(self.route, change)
+            except MappingError as e:
+                dead.append(NewDeadLetter(change, 0, None, None, "mapping", str(e), 1, now))
+                plan.append(change)
+                continue
+            # The first change may be half done: its first `partial` items were delivered.
+            skip = state.partial if position == 0 else 0
+            slots = [
+                _Slot(change, index, to_outgoing(self.route, change, index, item))
+                for index, item in enumerate(mapped)
+                if index >= skip
+            ]
+            plan.extend(slots or [change])
+            items += len(slots)
+        return plan
+
+    @staticmethod
+    def _after(plan: list[_Slot | SourceChange], position: int) -> tuple[int, int]:
+        """The route's position once plan[position] (a slot) is done."""
+        slot = plan[position]
+        assert isinstance(slot, _Slot)
+        following = plan[position + 1] if position + 1 < len(plan) else None
+        if isinstance(following, _Slot) and following.change.seq == slot.change.seq:
+            return slot.change.seq - 1, slot.index + 1  # mid fan-out
+        return slot.change.seq, 0
+
+    async def _errored(
+        self,
+        state: RouteState,
+        slot: _Slot,
+        outcome: Outcome,
+        position: tuple[int, int],
+        delivered: int,
+        dead: list[NewDeadLetter],
+        now: int,
+    ) -> bool:
+        """Stop the run at `slot`; back off; dead-letter it once its attempts are spent."""
+        moved = position != (state.cursor, state.partial) or delivered > 0 or bool(dead)
+        failures = 1 if moved else state.failures + 1
+        attempts = (0 if moved else state.attempts) + (0 if outcome.target_down else 1)
+        cursor, partial = position
+        next_at = now + self._delay_ms(failures)
+        exhausted = attempts >= self.route.section.retry.attempts
+        if exhausted:
+            dead.append(self._dead(slot, "exhausted", outcome.detail, attempts, now))
+            cursor, partial = slot.change.seq - 1, slot.index + 1
+            attempts, failures, next_at = 0, 0, 0
+        log.warning(
+            "route %s: delivery errored%s: %s",
+            self.route.name,
+            " (dead-lettered: attempts spent)"
+            if exhausted
+            else f" (retry in {(next_at - now) / 1000:.1f} s)",
+            outcome.detail,
+        )
+        await self.store.save(
+            replace(
+                state,
+                cursor=cursor,
+                partial=partial,
+                attempts=attempts,
+                failures=failures,
+                next_attempt_at=next_at,
+                last_error=outcome.detail,
+                delivered=state.delivered + delivered,
+                dead_lettered=state.dead_lettered + len(dead),
+                last_delivery_at=now if delivered else state.last_delivery_at,
+            ),
+            dead,
+            now,
+        )
+        return exhausted
+
+    async def _send(self, items: Sequence[Outgoing]) -> list[Outcome]:
+        try:
+            outcomes = await self.sink.send(items)
+        except Exception as e:  # a sink bug: treat as a transient failure of the whole run
+            log.exception("route %s: sink %s raised", self.route.name, self.sink.kind)
+            outcomes = [Outcome.errored(f"sink raised {type(e).__name__}: {e}")]
+        if len(outcomes) != len(items):
+            if outcomes and outcomes[0].status is Delivery.ERRORED:
+                first = outcomes[0]
+            else:
+                first = Outcome.errored("sink answered for the wrong number of items")
+            return [first] + [NOT_ATTEMPTED for _ in items[1:]]
+        return outcomes
+
+    def _dead(self, slot: _Slot, reason: str, error: str, attempts: int, now: int) -> NewDeadLetter:
+        return NewDeadLetter(
+            slot.change,
+            slot.index,
+            slot.outgoing.payload,
+            slot.outgoing.idempotency_key,
+            reason,
+            error,
+            attempts,
+            now,
+        )
+
+    # -- resubmitted dead letters
+
+    async def _resubmissions(self) -> bool:
+        waiting = await self.store.dead_letters(route=self.route.name, status="resubmit", limit=50)
+        if not waiting:
+            return False
+        progressed = False
+        for letter in waiting:
+            outcome = await self._redeliver(letter)
+            if outcome.status is Delivery.ERRORED:
+                return progressed  # the target is struggling: leave the rest for later
+            await self.store.finish_resubmit(
+                letter.id,
+                delivered=outcome.status is Delivery.DELIVERED,
+                error=outcome.detail,
+                now_ms=self._wall(),
+            )
+            progressed = True
+        return progressed
+
+    async def _redeliver(self, letter: DeadLetter) -> Outcome:
+        change = SourceChange(
+            letter.change_seq,
+            letter.origin,
+            letter.origin_seq,
+            letter.collection,
+            letter.key,
+            letter.op,
+            letter.record,
+        )
+        try:
+            mapped = map_change(self.route, change)
+        except MappingError as e:
+            return Outcome.rejected(str(e))
+        if letter.item_index >= len(mapped):
+            return Outcome.rejected(
+                f"the current mapping no longer yields item {letter.item_index} for this record"
+            )
+        item = to_outgoing(self.route, change, letter.item_index, mapped[letter.item_index])
+        (outcome,) = await self._send([item])
+        return outcome
+
+    # -- the loop
+
+    async def _open_sink(self, stop: asyncio.Event) -> bool:
+        """Open the sink, retrying with backoff while the target is unreachable at start."""
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self.sink.open()
+                return True
+            except Exception as e:
+                failures += 1
+                delay = self._delay_ms(failures) / 1000
+                log.warning(
+                    "route %s: cannot open sink %s (retry in %.1f s): %s",
+                    self.route.name,
+                    self.sink.kind,
+                    delay,
+                    e,
+                )
+                await _wait(stop, delay)
+        return False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not await self._open_sink(stop):
+            return
+        try:
+            await self._loop(stop)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.sink.close()
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        trigger = self.route.trigger
+        while not stop.is_set():
+            if not trigger.realtime:
+                await self._wait_for_window(stop)
+                if stop.is_set():
+                    return
+            try:
+                while not stop.is_set() and await self.step():
+                    pass
+            except Exception:
+                log.exception("route %s: step failed; retrying", self.route.name)
+                await _wait(stop, 5.0)
+                continue
+            if trigger.realtime:
+                state = await self.store.state(self.route.name)
+                wait_s = max(0.0, (state.next_attempt_at - self._wall()) / 1000) or IDLE_POLL_S
+                self.wakeup.clear()
+                await _wait(stop, wait_s, self.wakeup)
+            else:
+                await self._record_run()
+
+    async def _record_run(self) -> None:
+        state = await self.store.state(self.route.name)
+        await self.store.save(replace(state, last_run_at=self._wall()))
+
+    async def _wait_for_window(self, stop: asyncio.Event) -> None:
+        state = await self.store.state(self.route.name)
+        trigger = self.route.trigger
+        now = self._wall()
+        opens = (
+            trigger.next_window(state.last_run_at)
+            if state.last_run_at
+            else trigger.first_window(now)
+        )
+        if opens > now:
+            await _wait(stop, (opens - now) / 1000)
+
+
+async def _wait(stop: asyncio.Event, seconds: float, *events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in (stop, *events)]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        for waiter in waiters:
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+
+
+class Router:
+    """Every enabled route's runner, with its own sink, as tasks of one TaskGroup."""
+
+    def __init__(
+        self, config: RoutesConfig, store: RouterStore, *, wall: Callable[[], int] = system_ms
+    ) -> None:
+        self.config = config
+        self.store = store
+        self._wall = wall
+        self.runners: dict[str, RouteRunner] = {}
+
+    def notify(self) -> None:
+        """New changes were appended to the log: wake realtime routes."""
+        for runner in self.runners.values():
+            runner.wakeup.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.store.open()
+        for route in self.config.routes.values():
+            if route.active:
+                sink = route.sink_type.factory(route.sink_settings)
+                self.runners[route.name] = RouteRunner(route, self.store, sink, wall=self._wall)
+        async with asyncio.TaskGroup() as tasks:
+            for runner in self.runners.values():
+                tasks.create_task(runner.run(stop), name=f"route {runner.route.name}")
+
+
+def describe(route: Route) -> dict[str, Any]:
+    """One route for the inventory."""
+    s = route.section
+    return {
+        "name": route.name,
+        "state": s.state,
+        "owner": s.owner,
+        "description": s.description,
+        "source": ", ".join(s.sources),
+        "filter": " and ".join(f"{p.field} {p.op} {p.value!r}" for p in route.predicates) or "-",
+        "mapping": s.mapping or "(as is)",
+        "target": route.sink_type.kind,
+        "trigger": s.trigger + ("" if s.timezone == "UTC" else f" ({s.timezone})"),
+        "error_handling": f"retry {s.retry.attempts}x, {s.retry.initial_s:g}s..{s.retry.max_s:g}s"
+        ", then dead-letter queue",
+        "retired": f"{s.retired_at}: {s.retired_reason}" if s.state == "retired" else "",
+    }
