@@ -18,6 +18,7 @@ run: $(STAMP)
 	$(BIN)/python -m agent.demo
 
 test: $(STAMP)
+	./.ci/install-services
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 check: $(STAMP)
@@ -27,6 +28,7 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.foundation
+	$(BIN)/python -m bench.router
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info

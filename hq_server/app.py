@@ -31,7 +31,7 @@ from hq_server.ingest import Ingestor, peek_signer
 from hq_server.keys import load_or_create_identity
 from hq_server.logs import event
 from hq_server.routing.config import load_routes
-from hq_server.routing.router import Router
+from hq_server.routing.router import Router, RouteSetupError
 from hq_server.routing.state import RouterStore
 from hq_server.store import (
     EnrollmentRefused,
@@ -310,7 +310,11 @@ def create_app(config: HQConfig, *, wall: Callable[[], int] = system_ms) -> web.
         store = SQLiteHQStore(section.db_path, wall=wall)
         await store.open()
         clock = HybridClock(wall, max_drift_ms=section.max_clock_ahead_s * 1000)
-        router = Router(routes, RouterStore(store), wall=wall) if routes else None
+        try:
+            router = Router(routes, RouterStore(store), wall=wall) if routes else None
+        except RouteSetupError as e:
+            await store.close()
+            raise ServeError(str(e)) from e
         router_stop = asyncio.Event()
         router_task: asyncio.Task[None] | None = None
         try:

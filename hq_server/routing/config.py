@@ -256,7 +256,16 @@ def _route(name: str, table: Any, mappings: dict[str, Mapping], source: str) -> 
         known = ", ".join(sorted(SINK_TYPES))
         raise ConfigError(source, key + ".sink.type", f"must be one of {known}, got {kind!r}")
     sink_type = SINK_TYPES[kind]
-    settings: Any = build(sink_type.settings, sink, source, key + ".sink.")
+    try:
+        settings: Any = build(sink_type.settings, sink, source, key + ".sink.")
+    except ConfigError as e:
+        if e.path == source:
+            raise
+        # A cross-key check of the sink's own settings (its __post_init__): name our file and key.
+        where = f"{key}.sink.{e.key}" if e.key else f"{key}.sink"
+        raise ConfigError(source, where, e.reason) from e
+    except (ValueError, TypeError) as e:
+        raise ConfigError(source, key + ".sink", str(e)) from e
     return Route(
         name=name,
         section=section,

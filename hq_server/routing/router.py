@@ -397,8 +397,16 @@ async def _wait(stop: asyncio.Event, seconds: float, *events: asyncio.Event) -> 
                 await waiter
 
 
+class RouteSetupError(Exception):
+    """A route's sink cannot be built (e.g. its secret is missing); the message names the route."""
+
+
 class Router:
-    """Every enabled route's runner, with its own sink, as tasks of one TaskGroup."""
+    """Every enabled route's runner, with its own sink, as tasks of one TaskGroup.
+
+    Sinks are built when the router is (secrets are read then), so a missing credential stops HQ
+    at start with the route's name instead of failing later in the background.
+    """
 
     def __init__(
         self, config: RoutesConfig, store: RouterStore, *, wall: Callable[[], int] = system_ms
@@ -407,6 +415,14 @@ class Router:
         self.store = store
         self._wall = wall
         self.runners: dict[str, RouteRunner] = {}
+        for route in config.routes.values():
+            if not route.active:
+                continue
+            try:
+                sink = route.sink_type.factory(route.sink_settings)
+            except Exception as e:
+                raise RouteSetupError(f"route {route.name}: {e}") from e
+            self.runners[route.name] = RouteRunner(route, store, sink, wall=wall)
 
     def notify(self) -> None:
         """New changes were appended to the log: wake realtime routes."""
@@ -415,10 +431,6 @@ class Router:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.store.open()
-        for route in self.config.routes.values():
-            if route.active:
-                sink = route.sink_type.factory(route.sink_settings)
-                self.runners[route.name] = RouteRunner(route, self.store, sink, wall=self._wall)
         async with asyncio.TaskGroup() as tasks:
             for runner in self.runners.values():
                 tasks.create_task(runner.run(stop), name=f"route {runner.route.name}")
