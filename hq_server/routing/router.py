@@ -294,6 +294,9 @@ class RouteRunner:
         return progressed
 
     async def _redeliver(self, letter: DeadLetter) -> Outcome:
+        # Routes deliver a record's current state: newer changes of the record may have been
+        # delivered since this one failed, and replaying the old snapshot would undo them.
+        current = await self.store.current_record(letter.collection, letter.key)
         change = SourceChange(
             letter.change_seq,
             letter.origin,
@@ -301,7 +304,7 @@ class RouteRunner:
             letter.collection,
             letter.key,
             letter.op,
-            letter.record,
+            letter.record if current is None or letter.op == "delete" else current,
         )
         try:
             mapped = map_change(self.route, change)

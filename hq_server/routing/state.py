@@ -228,6 +228,13 @@ class RouterStore:
         ]
         return changes, (changes[-1].seq if changes else after_seq)
 
+    async def current_record(self, collection: str, key: str) -> dict[str, Any] | None:
+        """The record's state now (None if HQ does not hold it)."""
+        rows = await self.store.read(
+            "SELECT data FROM records WHERE collection = ? AND key = ?", (collection, key)
+        )
+        return json.loads(rows[0][0]) if rows else None
+
     async def head(self) -> int:
         rows = await self.store.read("SELECT coalesce(max(seq), 0) FROM changelog")
         return int(rows[0][0])
