@@ -221,9 +221,37 @@ class Demo:
     """The `make run` story on top of a LocalDeployment."""
 
     def __init__(self, root: Path, count: int) -> None:
-        self.deployment = LocalDeployment(root)
+        self.exports = (root / "exports").resolve()
+        self.exports.mkdir(parents=True)
+        routes = root / "routes.toml"
+        # HQ routes everything it receives onward: here to JSONL files, as it would to a finance
+        # database, a CRM or a message bus (see config/routes.example.toml).
+        routes.write_text(
+            "[routes.archive]\n"
+            'description = "every field record, as JSONL files"\n'
+            'sources = ["beneficiaries", "distributions"]\n'
+            "batch_size = 500\n\n"
+            "[routes.archive.sink]\n"
+            'type = "files"\n'
+            f'directory = "{self.exports}"\n'
+        )
+        self.deployment = LocalDeployment(root, hq_settings={"routes_file": str(routes.resolve())})
         self.root = root
         self.count = count
+
+    def routed(self) -> int:
+        """Lines in the route's export files (finished and in progress)."""
+        return sum(
+            sum(1 for _ in path.open(encoding="utf-8"))
+            for path in self.exports.iterdir()
+            if path.suffix in (".jsonl", ".part")
+        )
+
+    def wait_routed(self, expected: int, timeout_s: float = 120) -> int:
+        deadline = time.monotonic() + timeout_s
+        while (done := self.routed()) < expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return done
 
     def capture(self) -> tuple[int, int, float]:
         """Post generated records to the agent's local API; returns (records, JSON+gzip bytes, s)."""
@@ -278,7 +306,9 @@ class Demo:
         print(f"  sync time after HQ return  {sync_s:.1f} s ({records / sync_s:,.0f} records/s)")
         for collection, n in at_hq.items():
             print(f"  records at HQ              {n:,} {collection}")
-        ok = sum(at_hq.values()) == records
+        routed = self.wait_routed(records)
+        print(f"  routed onward by HQ        {routed:,} records to {self.exports}/")
+        ok = sum(at_hq.values()) == records and routed == records
         print(f"  result                     {'all records at HQ, once' if ok else 'MISMATCH'}")
         print(f"\nData stays in {self.root}/ (HQ: hq/hq.db, agent: agent/agent.db).")
         if not ok:
