@@ -319,3 +319,27 @@ async def test_a_resubmitted_dead_letter_carries_the_records_current_state(rig: 
     # Not the refused snapshot: replaying it would undo the newer change already delivered.
     assert [i.payload for i in later.delivered] == [{"amount": 5}]
     assert later.delivered[0].idempotency_key == dead.idempotency_key
+
+
+async def test_fan_out_records_are_deleted_and_shrunk_precisely(rig: Rig) -> None:
+    await rig.write(("g0", {"parts": ["a", "b", "c"]}), ("g1", {"parts": ["x"]}))
+    first = ScriptedSink()
+    await rig.drain(rig.runner(make_route(mapping=FanOut()), first))
+    await rig.write(("g0", {"parts": ["a"]}))  # its fan-out shrinks: b and c must go
+    await rig.write(("g1", {}), op="delete")  # the whole record goes: x must go
+    await rig.write(("never-sent", {}), op="delete")  # nothing was delivered for it
+    second = ScriptedSink()
+    await rig.drain(rig.runner(make_route(mapping=FanOut()), second))
+    assert [(i.op, i.target_key) for i in second.delivered] == [
+        ("upsert", "g0-a"),
+        ("delete", "g0-b"),
+        ("delete", "g0-c"),
+        ("delete", "g1-x"),
+    ]
+    await rig.write(("g0", {}), op="delete")
+    third = ScriptedSink()
+    await rig.drain(rig.runner(make_route(mapping=FanOut()), third))
+    assert [(i.op, i.target_key) for i in third.delivered] == [("delete", "g0-a")]
+    assert (
+        await rig.router_store.target_keys("to-finance", [("grants", "g0"), ("grants", "g1")]) == {}
+    )

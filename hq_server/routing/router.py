@@ -23,7 +23,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hq_server.routing.config import Route, RoutesConfig
@@ -57,17 +57,45 @@ def map_change(route: Route, change: SourceChange) -> list[Mapped]:
     return route.mapping.apply(change.record, key=change.key)
 
 
-def to_outgoing(route: Route, change: SourceChange, index: int, mapped: Mapped) -> Outgoing:
+def to_outgoing(
+    route: Route, change: SourceChange, index: int, mapped: Mapped, *, delete: bool | None = None
+) -> Outgoing:
     return Outgoing(
         idempotency_key=idempotency_key(route.name, change.origin, change.origin_seq, index),
         route=route.name,
         collection=change.collection,
         source_key=change.key,
         target_key=mapped.target_key,
-        op="delete" if change.op == "delete" else "upsert",
+        op="delete" if (change.op == "delete" if delete is None else delete) else "upsert",
         payload=mapped.payload,
         change_seq=change.seq,
     )
+
+
+def planned_items(
+    route: Route, change: SourceChange, delivered_before: list[str]
+) -> list[Outgoing]:
+    """Everything `change` makes the route send, in a stable order (MappingError if unmappable).
+
+    With a mapping, the target records a source record produced are remembered: its delete
+    removes each of them, and an update whose fan-out shrank removes the ones it no longer yields.
+    """
+    if route.mapping is None:
+        return [to_outgoing(route, change, 0, m) for m in map_change(route, change)]
+    if change.op == "delete":
+        return [
+            to_outgoing(route, change, i, Mapped(key, {}), delete=True)
+            for i, key in enumerate(delivered_before)
+        ]
+    mapped = map_change(route, change)
+    now = {m.target_key for m in mapped}
+    stale = [key for key in delivered_before if key not in now]
+    items = [to_outgoing(route, change, i, m) for i, m in enumerate(mapped)]
+    items += [
+        to_outgoing(route, change, len(mapped) + i, Mapped(key, {}), delete=True)
+        for i, key in enumerate(stale)
+    ]
+    return items
 
 
 @dataclass
@@ -77,6 +105,27 @@ class _Slot:
     change: SourceChange
     index: int
     outgoing: Outgoing
+
+
+@dataclass
+class _Targets:
+    """Target records created and deleted by a run (remembered only for mapped routes); the last
+    delivery of a target key in the run decides whether it exists."""
+
+    tracked: bool
+    exists: dict[tuple[str, str, str], bool] = field(default_factory=dict)
+
+    def delivered(self, item: Outgoing) -> None:
+        if self.tracked:
+            self.exists[(item.collection, item.source_key, item.target_key)] = item.op != "delete"
+
+    @property
+    def added(self) -> list[tuple[str, str, str]]:
+        return [entry for entry, present in self.exists.items() if present]
+
+    @property
+    def removed(self) -> list[tuple[str, str, str]]:
+        return [entry for entry, present in self.exists.items() if not present]
 
 
 class RouteRunner:
@@ -119,11 +168,17 @@ class RouteRunner:
             return False
         now = self._wall()
         dead: list[NewDeadLetter] = []
-        plan = self._plan(state, changes, dead, now)
+        known = (
+            await self.store.target_keys(self.route.name, [(c.collection, c.key) for c in changes])
+            if self.route.mapping is not None
+            else {}
+        )
+        plan = self._plan(state, changes, known, dead, now)
         items = [entry.outgoing for entry in plan if isinstance(entry, _Slot)]
         outcomes = iter(await self._send(items) if items else [])
         cursor, partial = state.cursor, state.partial
         delivered = 0
+        targets = _Targets(self.route.mapping is not None)
         for position, entry in enumerate(plan):
             if isinstance(entry, SourceChange):  # filtered out or dead-lettered while mapping
                 cursor, partial = entry.seq, 0
@@ -131,10 +186,11 @@ class RouteRunner:
             outcome = next(outcomes)
             if outcome.status is Delivery.ERRORED:
                 return await self._errored(
-                    state, entry, outcome, (cursor, partial), delivered, dead, now
+                    state, entry, outcome, (cursor, partial), delivered, dead, now, targets
                 )
             if outcome.status is Delivery.DELIVERED:
                 delivered += 1
+                targets.delivered(entry.outgoing)
             else:
                 dead.append(self._dead(entry, "rejected", outcome.detail, 1, now))
             cursor, partial = self._after(plan, position)
@@ -153,6 +209,8 @@ class RouteRunner:
             ),
             dead,
             now,
+            targets_added=targets.added,
+            targets_removed=targets.removed,
         )
         return True
 
@@ -160,6 +218,7 @@ class RouteRunner:
         self,
         state: RouteState,
         changes: list[SourceChange],
+        known: dict[tuple[str, str], list[str]],
         dead: list[NewDeadLetter],
         now: int,
     ) -> list[_Slot | SourceChange]:
@@ -174,7 +233,9 @@ class RouteRunner:
                 plan.append(change)
                 continue
             try:
-                mapped = map_change(self.route, change)
+                outgoing = planned_items(
+                    self.route, change, known.get((change.collection, change.key), [])
+                )
             except MappingError as e:
                 dead.append(NewDeadLetter(change, 0, None, None, "mapping", str(e), 1, now))
                 plan.append(change)
@@ -182,9 +243,7 @@ class RouteRunner:
             # The first change may be half done: its first `partial` items were delivered.
             skip = state.partial if position == 0 else 0
             slots = [
-                _Slot(change, index, to_outgoing(self.route, change, index, item))
-                for index, item in enumerate(mapped)
-                if index >= skip
+                _Slot(change, index, item) for index, item in enumerate(outgoing) if index >= skip
             ]
             plan.extend(slots or [change])
             items += len(slots)
@@ -209,6 +268,7 @@ class RouteRunner:
         delivered: int,
         dead: list[NewDeadLetter],
         now: int,
+        targets: _Targets,
     ) -> bool:
         """Stop the run at `slot`; back off; dead-letter it once its attempts are spent."""
         moved = position != (state.cursor, state.partial) or delivered > 0 or bool(dead)
@@ -244,6 +304,8 @@ class RouteRunner:
             ),
             dead,
             now,
+            targets_added=targets.added,
+            targets_removed=targets.removed,
         )
         return exhausted
 

@@ -55,6 +55,15 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     note TEXT
 );
 CREATE INDEX IF NOT EXISTS dead_letters_by_route ON dead_letters (route, status, id);
+CREATE TABLE IF NOT EXISTS route_targets (
+    -- What a mapped route has delivered for each source record, so that a delete, or a record
+    -- whose fan-out shrank, can remove exactly those target records.
+    route TEXT NOT NULL,
+    collection TEXT NOT NULL,
+    source_key TEXT NOT NULL,
+    target_key TEXT NOT NULL,
+    PRIMARY KEY (route, collection, source_key, target_key)
+) WITHOUT ROWID;
 """
 
 
@@ -170,10 +179,28 @@ class RouterStore:
         return {row[0]: RouteState(*row) for row in rows}
 
     async def save(
-        self, state: RouteState, dead: Sequence[NewDeadLetter] = (), now_ms: int = 0
+        self,
+        state: RouteState,
+        dead: Sequence[NewDeadLetter] = (),
+        now_ms: int = 0,
+        *,
+        targets_added: Sequence[tuple[str, str, str]] = (),
+        targets_removed: Sequence[tuple[str, str, str]] = (),
     ) -> None:
-        """Record a route's new position and its new dead letters in one transaction."""
+        """Record a route's new position, its new dead letters and the target records it created
+        or deleted ((collection, source key, target key)), in one transaction."""
         async with self.store.transaction(f"route {state.route}: save progress") as conn:
+            if targets_added:
+                await conn.executemany(
+                    "INSERT OR IGNORE INTO route_targets VALUES (?, ?, ?, ?)",
+                    [(state.route, *t) for t in targets_added],
+                )
+            if targets_removed:
+                await conn.executemany(
+                    "DELETE FROM route_targets WHERE route = ? AND collection = ?"
+                    " AND source_key = ? AND target_key = ?",
+                    [(state.route, *t) for t in targets_removed],
+                )
             await conn.execute(
                 "INSERT INTO route_state (route, cursor, partial, attempts, failures,"
                 " next_attempt_at, last_error, delivered, dead_lettered, last_delivery_at,"
@@ -227,6 +254,25 @@ class RouterStore:
             for seq, origin, origin_seq, coll, key, op, data in rows
         ]
         return changes, (changes[-1].seq if changes else after_seq)
+
+    async def target_keys(
+        self, route: str, records: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], list[str]]:
+        """Target keys a route has delivered for each (collection, source key), in key order."""
+        found: dict[tuple[str, str], list[str]] = {}
+        wanted = sorted(set(records))
+        for start in range(0, len(wanted), 400):
+            chunk = wanted[start : start + 400]
+            rows = await self.store.read(
+                "SELECT collection, source_key, target_key FROM route_targets WHERE route = ?"
+                " AND (collection, source_key) IN (VALUES "
+                + ",".join("(?, ?)" for _ in chunk)
+                + ") ORDER BY collection, source_key, target_key",
+                (route, *(part for pair in chunk for part in pair)),
+            )
+            for collection, source_key, target_key in rows:
+                found.setdefault((collection, source_key), []).append(target_key)
+        return found
 
     async def current_record(self, collection: str, key: str) -> dict[str, Any] | None:
         """The record's state now (None if HQ does not hold it)."""
