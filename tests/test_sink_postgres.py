@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from sink_harness import outgoing
 from sink_harness_registry import register_harness
 from sink_proxy import FaultProxy
 
+from agent import fieldgen
 from hq_server.sinks.base import NOT_ATTEMPTED, SINK_TYPES, Delivery, Outcome, Outgoing, Sink
 from hq_server.sinks.postgres import (
     PostgresSettings,
@@ -26,6 +28,7 @@ from hq_server.sinks.postgres import (
     classify,
     quote_identifier,
     quote_table,
+    stretches,
 )
 from hq_server.sinks.secrets import SecretError
 from protocol.config import ConfigError, build, documented_keys
@@ -155,6 +158,50 @@ async def rows(admin: asyncpg.Connection, table: str) -> dict[str, dict[str, Any
     return {r["key"]: dict(r) for r in records}
 
 
+@pytest.fixture
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every statement sent with `Connection.execute` from now on (BEGIN, SAVEPOINT, the sink's
+    writes, RELEASE, ROLLBACK TO, COMMIT), by any connection: clear it just before the send."""
+    sent: list[str] = []
+    original = asyncpg.connection.Connection.execute
+
+    async def execute(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> str:
+        sent.append(query)
+        return await original(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "execute", execute)
+    return sent
+
+
+def shape(sink: PostgresSink, sent: Sequence[str]) -> list[str]:
+    """`sent` as short names: the sink's own statements by kind, the others by their first word
+    (ROLLBACK TO: to a savepoint), without the reset the pool sends when a connection comes back."""
+    names = {
+        sink.upsert_set_sql: "upsert-set",
+        sink.delete_set_sql: "delete-set",
+        sink.upsert_sql: "upsert",
+        sink.delete_sql: "delete",
+    }
+    short = []
+    for query in sent:
+        if "pg_advisory_unlock_all()" in query:
+            continue
+        words = query.rstrip(";").split()
+        short.append(
+            names.get(query)
+            or " ".join(words[:2] if words[:2] == ["ROLLBACK", "TO"] else words[:1])
+        )
+    return short
+
+
+def fast(*writes: str) -> list[str]:
+    """The statements of a run written set-based: `writes` in one savepoint."""
+    return ["BEGIN", "SAVEPOINT", *writes, "RELEASE", "COMMIT"]
+
+
+FELL_BACK = "run refused as a set"
+
+
 # --- settings and SQL, no server ------------------------------------------------------------------
 
 
@@ -199,6 +246,33 @@ def test_identifiers_are_always_quoted() -> None:
             quote_table(bad)
 
 
+def test_stretches_cut_at_an_op_change_a_repeated_key_and_a_size() -> None:
+    run = [
+        item("a", 1),
+        item("b", 2),
+        item("c", 3, op="delete"),
+        item("d", 4, op="delete"),
+        item("c", 5),  # op changes
+        item("e", 6),
+        item("c", 7),  # c again
+        item("f", 8),
+        item("x", 9, op="delete"),
+        item("x", 10, op="delete"),  # x again, even among deletes
+    ]
+    records = {i: "{}" for i in range(len(run))}
+    assert stretches(run, records) == [[0, 1], [2, 3], [4, 5], [6, 7], [8], [9]]
+    # items left out (not JSON-encodable, REJECTED up front) take no part
+    assert stretches(run, {i: "{}" for i in (0, 1, 4, 6, 7)}) == [[0, 1, 4], [6, 7]]
+    assert stretches(run, {}) == []
+    hot = [item("k", seq) for seq in range(1, 6)]
+    assert stretches(hot, {i: "{}" for i in range(5)}) == [[0], [1], [2], [3], [4]]
+    # a stretch holds at most max_chars of records (with a comma each), or one bigger record
+    many = [item(f"k{n}", n) for n in range(6)]
+    sized = {0: "x" * 4, 1: "x" * 5, 2: "x" * 20, 3: "x", 4: "x", 5: "x"}
+    assert stretches(many, sized, max_chars=10) == [[0, 1], [2], [3, 4, 5]]
+    assert stretches(many, sized, max_chars=9) == [[0], [1], [2], [3, 4, 5]]
+
+
 def test_generated_sql_guards_on_change_seq() -> None:
     s = PostgresSink(
         PostgresSettings(database="d", user="u", table="fin.grants", columns={"full name": "nm"})
@@ -212,6 +286,14 @@ def test_generated_sql_guards_on_change_seq() -> None:
         'WHERE t."change_seq" < EXCLUDED."change_seq"'
     )
     assert s.delete_sql.endswith('WHERE t."key" = r."key" AND t."change_seq" < r."change_seq"')
+    # the set-based statements are the same but for the function that makes the rows
+    assert s.upsert_set_sql == s.upsert_sql.replace(
+        "jsonb_populate_record(", "jsonb_populate_recordset("
+    )
+    assert s.delete_set_sql == s.delete_sql.replace(
+        "jsonb_populate_record(", "jsonb_populate_recordset("
+    )
+    assert s.upsert_set_sql != s.upsert_sql and s.delete_set_sql != s.delete_sql
 
 
 @pytest.mark.parametrize(
@@ -597,6 +679,300 @@ async def test_failures_that_name_no_item_error_the_whole_run(
         assert "42501" in out[0].detail
     finally:
         await sink.close()
+
+
+# --- the set-based fast path ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["payload_column", "columns"])
+async def test_a_run_of_500_new_records_is_one_statement(
+    postgres_server: PostgresServer,
+    admin: asyncpg.Connection,
+    password_env: str,
+    statements: list[str],
+    mode: str,
+) -> None:
+    """The benchmark's shape: 500 upserts of ~750-byte beneficiary records, one INSERT."""
+    if mode == "payload_column":
+        table = await create_table(postgres_server, admin, extra=", record jsonb")
+        await admin.execute(f"ALTER TABLE public.{table} ALTER name DROP NOT NULL")
+        settings = settings_for(postgres_server, table, columns={}, payload_column="record")
+    else:
+        table = await create_table(postgres_server, admin)
+        settings = settings_for(postgres_server, table)
+    sink = PostgresSink(settings)
+    await sink.open()
+    try:
+        records = list(fieldgen.beneficiaries(500, seed=7))
+        run = [
+            item(r["beneficiary_id"], n, {**r, "name": f"b{n}", "amount": n})
+            for n, r in enumerate(records, start=1)
+        ]
+        assert 600 < sum(len(json.dumps(i.payload)) for i in run) / len(run) < 1200
+        statements.clear()
+        assert statuses(await sink.send(run)) == ["delivered"] * 500
+        assert shape(sink, statements) == fast("upsert-set")
+    finally:
+        await sink.close()
+    got = await rows(admin, table)
+    assert len(got) == 500
+    first = got[run[0].target_key]
+    assert (first["change_seq"], first["idempotency_key"]) == (1, run[0].idempotency_key)
+    if mode == "payload_column":
+        assert json.loads(first["record"]) == run[0].payload and first["name"] is None
+    else:
+        assert (first["name"], first["amount"], first["born"]) == ("b1", 1, None)
+
+
+async def test_several_versions_of_a_key_in_one_run(
+    sink: PostgresSink, admin: asyncpg.Connection, table: str, statements: list[str]
+) -> None:
+    """Each version is written in order (one stretch each): the newest wins, an older version
+    after a newer one is a no-op, a repeat is a no-op; all DELIVERED, no fallback."""
+    run = [
+        item("a", 1),
+        item("b", 2),
+        item("a", 3),
+        item("c", 4),
+        item("a", 2),  # older than a@3, after it
+        item("b", 2),  # a repeat
+        item("a", 5),
+        item("d", 6),
+    ]
+    with captured_logs() as lines:
+        statements.clear()
+        assert statuses(await sink.send(run)) == ["delivered"] * len(run)
+    # stretches: [a1 b2] [a3 c4] [a2 b2] [a5 d6]
+    assert shape(sink, statements) == fast(*["upsert-set"] * 4)
+    assert not any(FELL_BACK in line for line in lines)
+    got = await rows(admin, table)
+    assert {k: (r["change_seq"], r["name"]) for k, r in got.items()} == {
+        "a": (5, "name a v5"),
+        "b": (2, "name b v2"),
+        "c": (4, "name c v4"),
+        "d": (6, "name d v6"),
+    }
+
+
+async def test_deletes_interleaved_with_upserts_of_a_key(
+    sink: PostgresSink, admin: asyncpg.Connection, table: str, statements: list[str]
+) -> None:
+    await sink.send([item("gone", 1), item("back", 1), item("stays", 1)])
+    run = [
+        item("gone", 2),
+        item("back", 2, op="delete"),
+        item("new", 3),
+        item("gone", 4, op="delete"),  # deleted at the end of the run
+        item("back", 5),  # upserted again after its delete
+        item("stays", 6, op="delete"),
+        item("stays", 7),
+        item("late", 9, op="delete"),  # deletes nothing: no row yet (no tombstone either) ...
+        item("late", 8),  # ... so this older upsert creates it, as item by item would
+    ]
+    with captured_logs() as lines:
+        statements.clear()
+        assert statuses(await sink.send(run)) == ["delivered"] * len(run)
+    assert shape(sink, statements) == fast(
+        "upsert-set",  # gone@2
+        "delete-set",  # back@2
+        "upsert-set",  # new@3
+        "delete-set",  # gone@4
+        "upsert-set",  # back@5
+        "delete-set",  # stays@6
+        "upsert-set",  # stays@7
+        "delete-set",  # late@9
+        "upsert-set",  # late@8
+    )
+    assert not any(FELL_BACK in line for line in lines)
+    got = await rows(admin, table)
+    assert {k: r["change_seq"] for k, r in got.items()} == {
+        "back": 5,
+        "late": 8,
+        "new": 3,
+        "stays": 7,
+    }
+
+
+async def test_a_bad_row_mid_run_falls_back_to_item_by_item(
+    sink: PostgresSink, admin: asyncpg.Connection, table: str, statements: list[str]
+) -> None:
+    """The set-based write fails in its second stretch: everything rolls back to the fast path's
+    savepoint and the run is written item by item in the same transaction, so exactly the bad row
+    is REJECTED and the rest (earlier stretches included) commit once, in order."""
+    run = [item(f"k{n:02}", n) for n in range(1, 21)]
+    run[10] = item("k01", 11)  # a second version of k01: a new stretch starts here
+    run[14] = item("bad", 15, {"amount": 15})  # NOT NULL name, in the second stretch
+    run[17] = item("k05", 18, op="delete")  # a delete after the bad row, in a later stretch
+    with captured_logs() as lines:
+        statements.clear()
+        out = await sink.send(run)
+    assert statuses(out) == ["delivered"] * 14 + ["rejected"] + ["delivered"] * 5
+    assert "23502" in out[14].detail
+    sent = shape(sink, statements)
+    assert sent[:4] == ["BEGIN", "SAVEPOINT", "upsert-set", "upsert-set"]
+    assert sent[4] == "ROLLBACK TO"
+    per_item = sent[5:-1]
+    assert per_item == [
+        step
+        for i in run
+        for step in ("SAVEPOINT", i.op, "ROLLBACK TO" if i is run[14] else "RELEASE")
+    ]
+    assert sent[-1] == "COMMIT"
+    assert any(FELL_BACK in line and "23502" in line for line in lines)
+    got = await rows(admin, table)
+    expected = {i.target_key for i in run if i is not run[14]} - {"k05"}
+    assert set(got) == expected
+    assert got["k01"]["change_seq"] == 11 and got["k01"]["idempotency_key"] == "pg:k01:11"
+
+
+async def test_a_replayed_older_run_never_overwrites(
+    sink: PostgresSink, admin: asyncpg.Connection, table: str, statements: list[str]
+) -> None:
+    """A run replayed after a newer one (or the newer one repeated) changes nothing, set-based."""
+    keys = [f"r{n:03}" for n in range(100)]
+    newer = [item(k, 1000 + n, {"name": f"new {n}", "amount": n}) for n, k in enumerate(keys)]
+    older = [
+        item(k, 1 + n, op="delete") if n % 3 == 0 else item(k, 1 + n, {"name": "old", "amount": 0})
+        for n, k in enumerate(keys)
+    ]
+    assert statuses(await sink.send(newer)) == ["delivered"] * 100
+    before = await rows(admin, table)
+    for replay in (older, newer, older[::2] + newer[1::2]):
+        with captured_logs() as lines:
+            statements.clear()
+            assert statuses(await sink.send(replay)) == ["delivered"] * len(replay)
+        sent = shape(sink, statements)
+        assert sent[:2] == ["BEGIN", "SAVEPOINT"] and sent[-2:] == ["RELEASE", "COMMIT"]
+        assert set(sent[2:-2]) <= {"upsert-set", "delete-set"}, sent
+        assert not any(FELL_BACK in line for line in lines)
+        assert await rows(admin, table) == before
+
+
+async def test_set_based_and_item_by_item_end_in_the_same_state(
+    postgres_server: PostgresServer,
+    admin: asyncpg.Connection,
+    password_env: str,
+    statements: list[str],
+) -> None:
+    """Random histories over a few keys (versions out of order, repeats, deletes between upserts,
+    rows already there): one run set-based leaves the table exactly as the same items sent one by
+    one (each a run of one: the savepoint-per-item path)."""
+    fast_table = await create_table(postgres_server, admin)
+    slow_table = await create_table(postgres_server, admin)
+    fast_sink = PostgresSink(settings_for(postgres_server, fast_table))
+    slow_sink = PostgresSink(settings_for(postgres_server, slow_table))
+    await fast_sink.open()
+    await slow_sink.open()
+    try:
+        for seed in range(12):
+            rng = random.Random(seed)
+            keys = [f"k{n}" for n in range(rng.randint(1, 6))]
+            for t in (fast_table, slow_table):
+                await admin.execute(f"TRUNCATE public.{t}")
+            for key in keys:
+                if rng.random() < 0.5:
+                    seq = rng.randint(1, 30)
+                    for t in (fast_table, slow_table):
+                        await admin.execute(
+                            f"INSERT INTO public.{t} (key, name, change_seq) "
+                            "VALUES ($1, 'pre', $2)",
+                            key,
+                            seq,
+                        )
+            run = [
+                item(k, seq, op="delete" if rng.random() < 0.3 else "upsert")
+                for k, seq in ((rng.choice(keys), rng.randint(1, 30)) for _ in range(40))
+            ]
+            statements.clear()
+            assert statuses(await fast_sink.send(run)) == ["delivered"] * len(run)
+            assert "ROLLBACK TO" not in shape(fast_sink, statements), seed
+            for one in run:
+                assert statuses(await slow_sink.send([one])) == ["delivered"]
+            assert await rows(admin, fast_table) == await rows(admin, slow_table), seed
+    finally:
+        await fast_sink.close()
+        await slow_sink.close()
+
+
+async def test_keys_equal_only_as_the_column_type(
+    postgres_server: PostgresServer,
+    admin: asyncpg.Connection,
+    password_env: str,
+    statements: list[str],
+) -> None:
+    """Keys "7" and "07" differ to the sink but are one integer: an upsert stretch holding both
+    fails (21000) and falls back; an upsert and a delete of them are in different stretches."""
+    table = f"t_{uuid.uuid4().hex[:10]}"
+    await admin.execute(
+        f"CREATE TABLE public.{table} (key integer PRIMARY KEY, name text, amount integer, "
+        "born date, idempotency_key text, change_seq bigint NOT NULL)"
+    )
+    postgres_server.grant(table)
+    sink = PostgresSink(settings_for(postgres_server, table))
+    await sink.open()
+    try:
+        with captured_logs() as lines:
+            statements.clear()
+            out = await sink.send([item("7", 1), item("07", 2), item("8", 3)])
+        assert statuses(out) == ["delivered"] * 3
+        assert "ROLLBACK TO" in shape(sink, statements)
+        assert any(FELL_BACK in line and "21000" in line for line in lines)
+        got = await admin.fetch(f"SELECT key, change_seq FROM public.{table} ORDER BY key")
+        assert [tuple(r) for r in got] == [(7, 2), (8, 3)]
+
+        statements.clear()
+        out = await sink.send([item("007", 4, op="delete"), item("7", 5), item("0008", 6)])
+        assert statuses(out) == ["delivered"] * 3
+        assert shape(sink, statements) == fast("delete-set", "upsert-set")
+        got = await admin.fetch(f"SELECT key, change_seq FROM public.{table} ORDER BY key")
+        assert [tuple(r) for r in got] == [(7, 5), (8, 6)]
+    finally:
+        await sink.close()
+
+
+async def test_a_not_json_item_is_rejected_without_leaving_the_fast_path(
+    sink: PostgresSink, admin: asyncpg.Connection, table: str, statements: list[str]
+) -> None:
+    run = [item("a", 1), item("set", 2, {"name": "x", "amount": {1, 2}}), item("b", 3)]
+    statements.clear()
+    out = await sink.send(run)
+    assert statuses(out) == ["delivered", "rejected", "delivered"]
+    assert "not JSON-encodable" in out[1].detail
+    assert shape(sink, statements) == fast("upsert-set")
+    assert list(await rows(admin, table)) == ["a", "b"]
+    # a run with one item to write takes the item-by-item path: no statement to save
+    statements.clear()
+    assert statuses(await sink.send([item("c", 4)])) == ["delivered"]
+    assert shape(sink, statements) == ["BEGIN", "SAVEPOINT", "upsert", "RELEASE", "COMMIT"]
+
+
+async def test_connection_lost_during_the_set_based_write_loses_the_whole_run(
+    sink: PostgresSink, admin: asyncpg.Connection, table: str
+) -> None:
+    """A trigger kills the sink's own backend in the middle of the set-based INSERT: the target
+    is down for the run (ERRORED, target_down, the rest NOT_ATTEMPTED), no fallback, nothing
+    written."""
+    await admin.execute(
+        f"""CREATE FUNCTION public.{table}_kill() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.name = 'kill' THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF;
+            RETURN NEW;
+        END $$"""
+    )
+    await admin.execute(
+        f"CREATE TRIGGER kill BEFORE INSERT ON public.{table} "
+        f"FOR EACH ROW EXECUTE FUNCTION public.{table}_kill()"
+    )
+    run = [item("a", 1), item("b", 2, {"name": "kill"}), item("c", 3)]
+    with captured_logs() as lines:
+        out = await sink.send(run)
+    assert out[0].status is Delivery.ERRORED and out[0].target_down, out[0]
+    assert out[1:] == [NOT_ATTEMPTED] * 2
+    assert not any(FELL_BACK in line for line in lines)
+    assert await rows(admin, table) == {}
+    await admin.execute(f"DROP TRIGGER kill ON public.{table}")
+    assert statuses(await sink.send(run)) == ["delivered"] * 3  # reconnects by itself
+    assert list(await rows(admin, table)) == ["a", "b", "c"]
 
 
 # --- conformance harness --------------------------------------------------------------------------
