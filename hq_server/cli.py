@@ -324,7 +324,10 @@ def routes_command(config_path: Path, output: str) -> None:
         dead = {name: await router_store.count_dead_letters(name) for name in routes.routes}
         return states, dead
 
-    states, dead = _with_store(config, gather)
+    if config.hq.db_path.exists():
+        states, dead = _with_store(config, gather)
+    else:  # before HQ's first start: the inventory still validates and lists every route
+        states, dead = {}, dict.fromkeys(routes.routes, 0)
     entries = []
     for name, route in routes.routes.items():
         entry = describe(route)
@@ -391,7 +394,8 @@ def route_test(config_path: Path, name: str, input_path: Path) -> None:
     for number, record in enumerate(samples, start=1):
         if not isinstance(record, dict):
             _fail(f"{input_path}: sample {number} is not a JSON object")
-        change = SourceChange(0, "sample", number, collection, str(number), "upsert", record)
+        # No record key: the mapping takes it from its source_key field, as for a real record.
+        change = SourceChange(0, "sample", number, collection, "", "upsert", record)
         if not route.wants(collection, record):
             click.echo(json.dumps({"sample": number, "filtered_out": True}))
             continue

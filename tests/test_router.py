@@ -16,7 +16,7 @@ import pytest
 from hq_fixtures import FakeWall
 
 from hq_server.routing.config import RetryPolicy, Route, RouteSection, Trigger, parse_trigger
-from hq_server.routing.mapping import Mapped
+from hq_server.routing.mapping import Mapped, MappingError
 from hq_server.routing.router import RouteRunner, idempotency_key
 from hq_server.routing.state import RouterStore
 from hq_server.sinks.base import NOT_ATTEMPTED, Delivery, Outcome, Outgoing, SinkType
@@ -261,10 +261,24 @@ async def test_fan_out_resumes_mid_change_without_resending_delivered_siblings(r
 
 async def test_deletes_are_routed_by_key(rig: Rig) -> None:
     await rig.write(("g0", {"n": 0}))
-    await rig.write(("g0", {}), op="delete")
     sink = ScriptedSink()
     await rig.drain(rig.runner(make_route(), sink))
+    await rig.write(("g0", {}), op="delete")
+    await rig.drain(rig.runner(make_route(), sink))
     assert [(i.op, i.target_key) for i in sink.delivered] == [("upsert", "g0"), ("delete", "g0")]
+
+
+async def test_a_record_deleted_before_the_route_ran_is_not_routed_from_an_empty_state(
+    rig: Rig,
+) -> None:
+    await rig.write(("g0", {"parts": ["a"]}), ("g1", {"parts": ["b"]}))
+    await rig.write(("g0", {}), op="delete")
+    sink = ScriptedSink()
+    await rig.drain(rig.runner(make_route(mapping=FanOut()), sink))
+    # g0's upsert has no state left to map (no spurious dead letter), and its delete has no
+    # delivered target record to remove.
+    assert keys(sink) == ["g1-b"]
+    assert await rig.router_store.dead_letters(route="to-finance") == []
 
 
 async def test_resubmitted_dead_letters_are_delivered_first_with_the_current_mapping(
@@ -343,3 +357,44 @@ async def test_fan_out_records_are_deleted_and_shrunk_precisely(rig: Rig) -> Non
     assert (
         await rig.router_store.target_keys("to-finance", [("grants", "g0"), ("grants", "g1")]) == {}
     )
+
+
+class StrictFanOut(FanOut):
+    """FanOut that refuses records without a `ok` flag -- until it is 'fixed'."""
+
+    def __init__(self, fixed: bool = False) -> None:
+        self.fixed = fixed
+
+    def apply(self, record: dict[str, Any], key: str | None = None) -> list[Mapped]:
+        if not self.fixed and not record.get("ok"):
+            raise MappingError("strict", "ok", "required", "missing")
+        return super().apply(record, key)
+
+
+async def test_a_resubmitted_mapping_failure_delivers_every_item_and_remembers_them(
+    rig: Rig,
+) -> None:
+    await rig.write(("g0", {"parts": ["a", "b", "c"]}))
+    await rig.drain(rig.runner(make_route(mapping=StrictFanOut()), ScriptedSink()))
+    (dead,) = await rig.router_store.dead_letters(route="to-finance")
+    assert dead.reason == "mapping" and dead.mapped is None
+    await rig.router_store.set_status([dead.id], "resubmit", actor="test", now_ms=rig.wall())
+    fixed = ScriptedSink()
+    await rig.drain(rig.runner(make_route(mapping=StrictFanOut(fixed=True)), fixed))
+    assert keys(fixed) == ["g0-a", "g0-b", "g0-c"]
+    assert await rig.router_store.target_keys("to-finance", [("grants", "g0")]) == {
+        ("grants", "g0"): ["g0-a", "g0-b", "g0-c"]
+    }
+
+
+async def test_a_resubmission_that_errors_is_backed_off(rig: Rig) -> None:
+    await rig.write(("g0", {"n": 1}))
+    refusing = ScriptedSink(lambda item: Outcome.rejected("400"))
+    await rig.drain(rig.runner(make_route(), refusing))
+    (dead,) = await rig.router_store.dead_letters(route="to-finance")
+    await rig.router_store.set_status([dead.id], "resubmit", actor="test", now_ms=rig.wall())
+    down = ScriptedSink(lambda item: Outcome.unavailable("refused"))
+    runner = rig.runner(make_route(), down)
+    assert not await runner.step()
+    assert not await runner.step()  # not due yet: nothing sent
+    assert len(down.seen) == 1

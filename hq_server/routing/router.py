@@ -54,7 +54,7 @@ def map_change(route: Route, change: SourceChange) -> list[Mapped]:
         return [Mapped(change.key, {})]
     if route.mapping is None:
         return [Mapped(change.key, dict(change.record))]
-    return route.mapping.apply(change.record, key=change.key)
+    return route.mapping.apply(change.record, key=change.key or None)
 
 
 def to_outgoing(
@@ -144,6 +144,8 @@ class RouteRunner:
         self._wall = wall
         self._rng = rng or random.Random()
         self.wakeup = asyncio.Event()
+        self._resubmit_failures = 0
+        self._resubmit_retry_at = 0
 
     # -- backoff
 
@@ -229,7 +231,11 @@ class RouteRunner:
         for position, change in enumerate(changes):
             if items >= self.route.section.batch_size:
                 break
-            if change.op != "delete" and not self.route.wants(change.collection, change.record):
+            if change.op != "delete" and (
+                not change.record or not self.route.wants(change.collection, change.record)
+            ):
+                # Filtered out -- or deleted since (no fields left): its delete comes later in
+                # the log and is routed then; there is no state to deliver for this upsert.
                 plan.append(change)
                 continue
             try:
@@ -338,24 +344,42 @@ class RouteRunner:
     # -- resubmitted dead letters
 
     async def _resubmissions(self) -> bool:
+        """Deliver dead letters an operator resubmitted; they go before new changes. A target
+        that errors on them is backed off like any other (they keep their place)."""
+        if self._resubmit_retry_at > self._wall():
+            return False
         waiting = await self.store.dead_letters(route=self.route.name, status="resubmit", limit=50)
         if not waiting:
             return False
         progressed = False
         for letter in waiting:
-            outcome = await self._redeliver(letter)
+            outcome, targets = await self._redeliver(letter)
             if outcome.status is Delivery.ERRORED:
-                return progressed  # the target is struggling: leave the rest for later
+                self._resubmit_failures += 1
+                self._resubmit_retry_at = self._wall() + self._delay_ms(self._resubmit_failures)
+                log.warning(
+                    "route %s: resubmitted dead letter %d errored: %s",
+                    self.route.name,
+                    letter.id,
+                    outcome.detail,
+                )
+                return progressed
+            self._resubmit_failures = 0
             await self.store.finish_resubmit(
                 letter.id,
                 delivered=outcome.status is Delivery.DELIVERED,
                 error=outcome.detail,
                 now_ms=self._wall(),
+                targets_added=targets.added,
+                targets_removed=targets.removed,
             )
             progressed = True
         return progressed
 
-    async def _redeliver(self, letter: DeadLetter) -> Outcome:
+    async def _redeliver(self, letter: DeadLetter) -> tuple[Outcome, _Targets]:
+        """Send a dead letter again through the current mapping: its one item, or -- when the
+        mapping itself had failed -- every item the record now maps to."""
+        targets = _Targets(self.route.mapping is not None)
         # Routes deliver a record's current state: newer changes of the record may have been
         # delivered since this one failed, and replaying the old snapshot would undo them.
         current = await self.store.current_record(letter.collection, letter.key)
@@ -368,22 +392,33 @@ class RouteRunner:
             letter.op,
             letter.record if current is None or letter.op == "delete" else current,
         )
+        known = await self.store.target_keys(self.route.name, [(change.collection, change.key)])
         try:
-            mapped = map_change(self.route, change)
-        except MappingError as e:
-            return Outcome.rejected(str(e))
-        if letter.item_index >= len(mapped):
-            return Outcome.rejected(
-                f"the current mapping no longer yields item {letter.item_index} for this record"
+            items = planned_items(
+                self.route, change, known.get((change.collection, change.key), [])
             )
-        item = to_outgoing(self.route, change, letter.item_index, mapped[letter.item_index])
-        (outcome,) = await self._send([item])
-        return outcome
+        except MappingError as e:
+            return Outcome.rejected(str(e)), targets
+        if letter.reason != "mapping":
+            if letter.item_index >= len(items):
+                return Outcome.rejected(
+                    f"the current mapping no longer yields item {letter.item_index} for this record"
+                ), targets
+            items = [items[letter.item_index]]
+        outcomes = await self._send(items) if items else []
+        for item, outcome in zip(items, outcomes, strict=True):
+            if outcome.status is Delivery.DELIVERED:
+                targets.delivered(item)
+        worst = next((o for o in outcomes if o.status is Delivery.ERRORED), None) or next(
+            (o for o in outcomes if o.status is Delivery.REJECTED), Outcome.delivered()
+        )
+        return worst, targets
 
     # -- the loop
 
     async def _open_sink(self, stop: asyncio.Event) -> bool:
-        """Open the sink, retrying with backoff while the target is unreachable at start."""
+        """Open the sink, retrying with backoff while the target is unreachable at start; the
+        reason shows in the route's last_error (`fieldsync-hq routes`), not only in the log."""
         failures = 0
         while not stop.is_set():
             try:
@@ -399,14 +434,23 @@ class RouteRunner:
                     delay,
                     e,
                 )
+                with contextlib.suppress(Exception):
+                    state = await self.store.state(self.route.name)
+                    await self.store.save(replace(state, last_error=f"cannot open sink: {e}"))
                 await _wait(stop, delay)
         return False
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Never raises but on cancellation: one route's trouble must not stop the others."""
         if not await self._open_sink(stop):
             return
         try:
-            await self._loop(stop)
+            while not stop.is_set():
+                try:
+                    await self._loop(stop)
+                except Exception:
+                    log.exception("route %s: routing loop failed; restarting it", self.route.name)
+                    await _wait(stop, 5.0)
         finally:
             with contextlib.suppress(Exception):
                 await self.sink.close()
@@ -418,24 +462,31 @@ class RouteRunner:
                 await self._wait_for_window(stop)
                 if stop.is_set():
                     return
-            try:
-                while not stop.is_set() and await self.step():
-                    pass
-            except Exception:
-                log.exception("route %s: step failed; retrying", self.route.name)
-                await _wait(stop, 5.0)
-                continue
-            if trigger.realtime:
+                started = self._wall()
+                await self._drain(stop, within_window=True)
                 state = await self.store.state(self.route.name)
-                wait_s = max(0.0, (state.next_attempt_at - self._wall()) / 1000) or IDLE_POLL_S
-                self.wakeup.clear()
-                await _wait(stop, wait_s, self.wakeup)
-            else:
-                await self._record_run()
+                await self.store.save(replace(state, last_run_at=started))
+                continue
+            await self._drain(stop, within_window=False)
+            state = await self.store.state(self.route.name)
+            wait_s = max(0.0, (state.next_attempt_at - self._wall()) / 1000) or IDLE_POLL_S
+            self.wakeup.clear()
+            await _wait(stop, wait_s, self.wakeup)
 
-    async def _record_run(self) -> None:
-        state = await self.store.state(self.route.name)
-        await self.store.save(replace(state, last_run_at=self._wall()))
+    async def _drain(self, stop: asyncio.Event, *, within_window: bool) -> None:
+        """Step while there is progress. In a scheduled window, also wait out retries (with their
+        backoff) until what was there is delivered or dead-lettered: a window is not given up on
+        a transient error, or a daily route would retry once a day."""
+        while not stop.is_set():
+            if await self.step():
+                continue
+            if not within_window:
+                return
+            state = await self.store.state(self.route.name)
+            due = max(state.next_attempt_at, self._resubmit_retry_at)
+            if due <= self._wall():
+                return
+            await _wait(stop, (due - self._wall()) / 1000)
 
     async def _wait_for_window(self, stop: asyncio.Event) -> None:
         state = await self.store.state(self.route.name)

@@ -190,17 +190,7 @@ class RouterStore:
         """Record a route's new position, its new dead letters and the target records it created
         or deleted ((collection, source key, target key)), in one transaction."""
         async with self.store.transaction(f"route {state.route}: save progress") as conn:
-            if targets_added:
-                await conn.executemany(
-                    "INSERT OR IGNORE INTO route_targets VALUES (?, ?, ?, ?)",
-                    [(state.route, *t) for t in targets_added],
-                )
-            if targets_removed:
-                await conn.executemany(
-                    "DELETE FROM route_targets WHERE route = ? AND collection = ?"
-                    " AND source_key = ? AND target_key = ?",
-                    [(state.route, *t) for t in targets_removed],
-                )
+            await _change_targets(conn, state.route, targets_added, targets_removed)
             await conn.execute(
                 "INSERT INTO route_state (route, cursor, partial, attempts, failures,"
                 " next_attempt_at, last_error, delivered, dead_lettered, last_delivery_at,"
@@ -328,31 +318,58 @@ class RouterStore:
                 )
                 if cursor.rowcount:
                     changed.append(dead_id)
-            action = "dlq.resubmit" if status == "resubmit" else "dlq.discard"
-            await self.store.audit(conn, actor, action, {"ids": changed, "note": note})
+            if changed:
+                action = "dlq.resubmit" if status == "resubmit" else "dlq.discard"
+                await self.store.audit(conn, actor, action, {"ids": changed, "note": note})
         return changed
 
     async def finish_resubmit(
-        self, dead_id: int, *, delivered: bool, error: str = "", now_ms: int
+        self,
+        dead_id: int,
+        *,
+        delivered: bool,
+        error: str = "",
+        now_ms: int,
+        targets_added: Sequence[tuple[str, str, str]] = (),
+        targets_removed: Sequence[tuple[str, str, str]] = (),
     ) -> None:
-        """After the router retried a resubmitted item: delivered, or back to open with the error."""
+        """After the router retried a resubmitted dead letter: delivered, or back to open with
+        the error; with the target records it created or deleted, in the same transaction."""
         async with self.store.transaction("dead letter: resubmitted") as conn:
-            await _finish(conn, dead_id, delivered, error, now_ms)
+            rows = await conn.execute_fetchall(
+                "SELECT route FROM dead_letters WHERE id = ?", (dead_id,)
+            )
+            route = next(iter(rows))[0]
+            await _change_targets(conn, route, targets_added, targets_removed)
+            if delivered:
+                await conn.execute(
+                    "UPDATE dead_letters SET status = 'delivered', resolved_at = ? WHERE id = ?",
+                    (now_ms, dead_id),
+                )
+            else:
+                await conn.execute(
+                    "UPDATE dead_letters SET status = 'open', error = ?, attempts = attempts + 1,"
+                    " last_failed_at = ? WHERE id = ?",
+                    (error, now_ms, dead_id),
+                )
 
 
-async def _finish(
-    conn: aiosqlite.Connection, dead_id: int, delivered: bool, error: str, now_ms: int
+async def _change_targets(
+    conn: aiosqlite.Connection,
+    route: str,
+    added: Sequence[tuple[str, str, str]],
+    removed: Sequence[tuple[str, str, str]],
 ) -> None:
-    if delivered:
-        await conn.execute(
-            "UPDATE dead_letters SET status = 'delivered', resolved_at = ? WHERE id = ?",
-            (now_ms, dead_id),
+    if added:
+        await conn.executemany(
+            "INSERT OR IGNORE INTO route_targets VALUES (?, ?, ?, ?)",
+            [(route, *t) for t in added],
         )
-    else:
-        await conn.execute(
-            "UPDATE dead_letters SET status = 'open', error = ?, attempts = attempts + 1,"
-            " last_failed_at = ? WHERE id = ?",
-            (error, now_ms, dead_id),
+    if removed:
+        await conn.executemany(
+            "DELETE FROM route_targets WHERE route = ? AND collection = ?"
+            " AND source_key = ? AND target_key = ?",
+            [(route, *t) for t in removed],
         )
 
 

@@ -48,5 +48,8 @@ def resolve_secret(what: str, env: str | None, file: Path | str | None) -> Secre
                 f"{what}: secret file {path} is readable by others (mode "
                 f"{stat.S_IMODE(mode):o}); run: chmod 600 {path}"
             )
-        return Secret(path.read_text(encoding="utf-8").strip())
+        value = path.read_text(encoding="utf-8").strip()
+        if not value:
+            raise SecretError(f"{what}: secret file {path} is empty")
+        return Secret(value)
     return None
