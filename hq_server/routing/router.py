@@ -196,15 +196,35 @@ class RouteRunner:
             else:
                 dead.append(self._dead(entry, "rejected", outcome.detail, 1, now))
             cursor, partial = self._after(plan, position)
+        await self._save(
+            state, (cursor, partial), delivered, dead, targets, now, attempts=0, failures=0
+        )
+        return True
+
+    async def _save(
+        self,
+        state: RouteState,
+        position: tuple[int, int],
+        delivered: int,
+        dead: list[NewDeadLetter],
+        targets: _Targets,
+        now: int,
+        *,
+        attempts: int,
+        failures: int,
+        next_attempt_at: int = 0,
+        last_error: str | None = None,
+    ) -> None:
+        """Store the route's position after a run, with its dead letters and target records."""
         await self.store.save(
             replace(
                 state,
-                cursor=cursor,
-                partial=partial,
-                attempts=0,
-                failures=0,
-                next_attempt_at=0,
-                last_error=None,
+                cursor=position[0],
+                partial=position[1],
+                attempts=attempts,
+                failures=failures,
+                next_attempt_at=next_attempt_at,
+                last_error=last_error,
                 delivered=state.delivered + delivered,
                 dead_lettered=state.dead_lettered + len(dead),
                 last_delivery_at=now if delivered else state.last_delivery_at,
@@ -214,7 +234,6 @@ class RouteRunner:
             targets_added=targets.added,
             targets_removed=targets.removed,
         )
-        return True
 
     def _plan(
         self,
@@ -295,23 +314,17 @@ class RouteRunner:
             else f" (retry in {(next_at - now) / 1000:.1f} s)",
             outcome.detail,
         )
-        await self.store.save(
-            replace(
-                state,
-                cursor=cursor,
-                partial=partial,
-                attempts=attempts,
-                failures=failures,
-                next_attempt_at=next_at,
-                last_error=outcome.detail,
-                delivered=state.delivered + delivered,
-                dead_lettered=state.dead_lettered + len(dead),
-                last_delivery_at=now if delivered else state.last_delivery_at,
-            ),
+        await self._save(
+            state,
+            (cursor, partial),
+            delivered,
             dead,
+            targets,
             now,
-            targets_added=targets.added,
-            targets_removed=targets.removed,
+            attempts=attempts,
+            failures=failures,
+            next_attempt_at=next_at,
+            last_error=outcome.detail,
         )
         return exhausted
 

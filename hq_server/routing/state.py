@@ -135,6 +135,10 @@ class NewDeadLetter:
     first_failed_at: int
 
 
+_STATE_SELECT = (
+    "SELECT route, cursor, partial, attempts, failures, next_attempt_at, last_error,"
+    " delivered, dead_lettered, last_delivery_at, last_run_at FROM route_state"
+)
 _DL_COLUMNS = (
     "id, route, change_seq, origin, origin_seq, collection, key, op, item_index, record, mapped, "
     "idempotency_key, reason, error, attempts, first_failed_at, last_failed_at, status, "
@@ -163,19 +167,11 @@ class RouterStore:
     # -- positions
 
     async def state(self, route: str) -> RouteState:
-        rows = await self.store.read(
-            "SELECT route, cursor, partial, attempts, failures, next_attempt_at, last_error,"
-            " delivered, dead_lettered, last_delivery_at, last_run_at"
-            " FROM route_state WHERE route = ?",
-            (route,),
-        )
+        rows = await self.store.read(f"{_STATE_SELECT} WHERE route = ?", (route,))
         return RouteState(*rows[0]) if rows else RouteState(route)
 
     async def states(self) -> dict[str, RouteState]:
-        rows = await self.store.read(
-            "SELECT route, cursor, partial, attempts, failures, next_attempt_at, last_error,"
-            " delivered, dead_lettered, last_delivery_at, last_run_at FROM route_state"
-        )
+        rows = await self.store.read(_STATE_SELECT)
         return {row[0]: RouteState(*row) for row in rows}
 
     async def save(

@@ -15,7 +15,7 @@ bug and is treated as ERRORED for the whole run.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
@@ -72,6 +72,21 @@ class Outcome:
 
 
 NOT_ATTEMPTED = Outcome(Delivery.ERRORED, "not attempted: an earlier item in the run errored")
+
+
+async def send_one_by_one(
+    items: Sequence[Outgoing], deliver: Callable[[Outgoing], Awaitable[Outcome]]
+) -> list[Outcome]:
+    """The contract's run for sinks that deliver one item per request: in order, and nothing
+    after the first ERRORED item (NOT_ATTEMPTED for the rest)."""
+    outcomes: list[Outcome] = []
+    for item in items:
+        outcome = await deliver(item)
+        outcomes.append(outcome)
+        if outcome.status is Delivery.ERRORED:
+            outcomes.extend(NOT_ATTEMPTED for _ in range(len(items) - len(outcomes)))
+            break
+    return outcomes
 
 
 class Sink(Protocol):

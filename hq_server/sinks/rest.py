@@ -41,7 +41,13 @@ import orjson
 import yarl
 
 from hq_server.logs import event
-from hq_server.sinks.base import NOT_ATTEMPTED, Delivery, Outcome, Outgoing, register_sink
+from hq_server.sinks.base import (
+    Delivery,
+    Outcome,
+    Outgoing,
+    register_sink,
+    send_one_by_one,
+)
 from hq_server.sinks.http import (
     JSON_CONTENT_TYPE,
     Answer,
@@ -357,14 +363,7 @@ class RestSink:
         await self._http.close()
 
     async def send(self, items: Sequence[Outgoing]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        for item in items:
-            outcome = await self._deliver(item)
-            outcomes.append(outcome)
-            if outcome.status is Delivery.ERRORED:
-                outcomes.extend(NOT_ATTEMPTED for _ in range(len(items) - len(outcomes)))
-                break
-        return outcomes
+        return await send_one_by_one(items, self._deliver)
 
     def _request_for(self, item: Outgoing) -> tuple[str, yarl.URL, bytes | None]:
         """(method, url, body) for `item`; ValueError/TypeError if it cannot be expressed."""

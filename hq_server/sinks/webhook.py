@@ -45,7 +45,13 @@ from typing import Any, ClassVar
 import yarl
 
 from hq_server.logs import event
-from hq_server.sinks.base import NOT_ATTEMPTED, Delivery, Outcome, Outgoing, register_sink
+from hq_server.sinks.base import (
+    Delivery,
+    Outcome,
+    Outgoing,
+    register_sink,
+    send_one_by_one,
+)
 from hq_server.sinks.http import (
     JSON_CONTENT_TYPE,
     HttpClient,
@@ -180,14 +186,7 @@ class WebhookSink:
         await self._http.close()
 
     async def send(self, items: Sequence[Outgoing]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        for item in items:
-            outcome = await self._deliver(item)
-            outcomes.append(outcome)
-            if outcome.status is Delivery.ERRORED:
-                outcomes.extend(NOT_ATTEMPTED for _ in range(len(items) - len(outcomes)))
-                break
-        return outcomes
+        return await send_one_by_one(items, self._deliver)
 
     async def _deliver(self, item: Outgoing) -> Outcome:
         try:
