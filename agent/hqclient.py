@@ -137,7 +137,19 @@ class HQClient:
                 return response.status, body, (started + system_ms()) // 2
         except HQError:
             raise
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise TransientError(
+                f"{method} {path}: HQ's TLS certificate did not verify ({e.certificate_error}); "
+                "check hq.ca_bundle"
+            ) from e
+        except aiohttp.ClientConnectorError as e:
+            reason = e.os_error.strerror or type(e.os_error).__name__
+            raise TransientError(
+                f"{method} {path}: HQ unreachable at {self.base_url}: {reason}"
+            ) from e
+        except TimeoutError as e:
+            raise TransientError(f"{method} {path}: no answer from HQ in time") from e
+        except (aiohttp.ClientError, OSError) as e:
             raise TransientError(f"{method} {path}: {type(e).__name__}: {e}") from e
 
     def _learn_time(self, hq_time_ms: int, local_ms: int) -> None:
