@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from agent.capture.records import RejectedInput, loads_record, parse_ndjson, record_to_write
+from agent.capture.validate import EdgeValidator
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_agent_config
 from agent.hqclient import HQError, enroll
 from agent.service import NotInitialised, load_identity, open_agent, run_agent
@@ -170,22 +171,31 @@ def put(config: AgentConfig, collection: str, record: str | None, path: str | No
     if collection not in config.collections:
         _fail(f"collection {collection!r} is not configured in [collections]")
     key_field = config.collections[collection].key
-    writes: list[Write]
+    if path is None and record is None:
+        _fail("give a RECORD or --file")
+    obj: Any = None
+    lines: list[bytes] = []
     if path is not None:
         with friendly_errors(), open(path, "rb") as f:
-            writes = parse_ndjson(f, collection, key_field, source=path)
+            lines = f.readlines()
     elif record is not None:
         try:
             obj = loads_record(record)
         except ValueError as e:
             _fail(f"RECORD is not valid JSON: {e}")
-        with friendly_errors():
-            writes = [record_to_write(obj, collection, key_field)]
-    else:
-        _fail("give a RECORD or --file")
 
     async def write() -> list[Any]:
         async with open_agent(config) as agent:
+            # Checked against the collections file with the agent's clock (it tracks HQ's time).
+            validator = EdgeValidator.for_agent(config, agent.store.clock.physical)
+            check = validator.check if validator is not None else None
+            writes: list[Write]
+            if path is not None:
+                writes = parse_ndjson(lines, collection, key_field, source=path, check=check)
+            else:
+                writes = [record_to_write(obj, collection, key_field)]
+                if check is not None and (refused := check(writes[0])):
+                    raise RejectedInput(refused)
             return await agent.store.write(writes)
 
     results = _run(write())

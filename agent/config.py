@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,12 @@ class AgentSection:
         "127.0.0.1:8470", "HOST:PORT of the local HTTP API (keep it on loopback).", listen_address
     )
     log_level: str = setting("info", "debug, info, warning or error.")
+    collections_file: Path | None = setting(
+        None,
+        "TOML file defining the collections (fields, types, rules, reference tables) that "
+        "records are checked against before they are stored; relative to this file. Not set: "
+        "records are checked for JSON, key and field names only.",
+    )
 
 
 @dataclass(frozen=True)
@@ -101,4 +108,11 @@ class AgentConfig:
 
 
 def load_agent_config(path: Path | str) -> AgentConfig:
-    return load(AgentConfig, path)
+    config = load(AgentConfig, path)
+    collections_file = config.agent.collections_file
+    if collections_file is not None and not collections_file.is_absolute():
+        resolved = Path(path).resolve().parent / collections_file
+        config = dataclasses.replace(
+            config, agent=dataclasses.replace(config.agent, collections_file=resolved)
+        )
+    return config

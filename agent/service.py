@@ -19,6 +19,7 @@ from aiohttp import web
 from agent.backoff import Backoff
 from agent.batcher import Batcher
 from agent.capture.api import create_app
+from agent.capture.validate import EdgeValidator
 from agent.config import AgentConfig
 from agent.enrolment import Enrolment
 from agent.forwarder import Forwarder
@@ -97,7 +98,8 @@ async def open_agent(config: AgentConfig) -> AsyncIterator[Agent]:
 
 async def _serve_api(agent: Agent, stop: asyncio.Event) -> None:
     host, _, port = agent.config.agent.listen.rpartition(":")
-    runner = web.AppRunner(create_app(agent.store, agent.config), access_log=None)
+    validator = EdgeValidator.for_agent(agent.config, agent.store.clock.physical)
+    runner = web.AppRunner(create_app(agent.store, agent.config, validator), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host.strip("[]"), int(port))

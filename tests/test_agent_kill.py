@@ -65,7 +65,13 @@ def run_and_kill(db: Path, run: int, after: int) -> list[tuple[str, int]]:
             assert time.monotonic() < deadline, "writer too slow"
     finally:
         child.send_signal(signal.SIGKILL)
-        rest, err = child.communicate(timeout=10)
+        # Read through the same buffered reader as above: communicate() reads the raw pipe and
+        # would skip bytes readline() already buffered, starting mid-line.
+        rest = child.stdout.read()
+        err = child.stderr.read()
+        child.stdout.close()
+        child.stderr.close()
+        child.wait(timeout=10)
     assert child.returncode == -signal.SIGKILL, err.decode()
     lines += rest.splitlines(keepends=True)
     acks = []

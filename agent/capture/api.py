@@ -1,6 +1,7 @@
 """The agent's local HTTP API on 127.0.0.1: apps write and read records here while offline.
 
-    PUT    /v1/collections/{c}/records/{key}   JSON object -> upsert (fields given are written)
+    PUT    /v1/collections/{c}/records/{key}   JSON object: the whole record -> upsert
+    PATCH  /v1/collections/{c}/records/{key}   JSON object: some fields of an existing record
     POST   /v1/collections/{c}/records         JSON object with the key field -> upsert
     DELETE /v1/collections/{c}/records/{key}   tombstone
     POST   /v1/collections/{c}/bulk            NDJSON, one record per line ("_op": "delete" to delete);
@@ -30,6 +31,7 @@ from agent.capture.records import (
     parse_ndjson,
     record_to_write,
 )
+from agent.capture.validate import EdgeValidator
 from agent.config import AgentConfig
 from agent.status import read_status
 from agent.store import AgentStore, StoreError, Write, WriteResult
@@ -43,6 +45,7 @@ BULK_IN_FLIGHT = 2
 BULK_SLOTS = web.AppKey("bulk_slots", asyncio.Semaphore)
 STORE_KEY = web.AppKey("store", AgentStore)
 CONFIG_KEY = web.AppKey("config", AgentConfig)
+VALIDATOR_KEY = web.AppKey("validator", EdgeValidator)
 
 
 def _error(
@@ -99,19 +102,44 @@ async def _write(request: web.Request, writes: list[Write]) -> list[WriteResult]
     return await request.app[STORE_KEY].write(writes)
 
 
-async def put_record(request: web.Request) -> web.Response:
+def _checker(request: web.Request) -> Callable[..., list[RecordError]] | None:
+    validator = request.app.get(VALIDATOR_KEY)
+    return validator.check if validator is not None else None
+
+
+def _checked(request: web.Request, write: Write, *, partial: bool = False) -> Write:
+    check = _checker(request)
+    if check is not None and (refused := check(write, partial=partial)):
+        raise RejectedInput(refused)
+    return write
+
+
+async def _one_record(request: web.Request, *, partial: bool) -> Write:
     collection, key_field = _collection(request)
     key = request.match_info["key"]
     write = record_to_write(await _json_body(request), collection, key_field, key=key)
     if write.op == "upsert":
         write.fields.setdefault(key_field, key)
-    (result,) = await _write(request, [write])
+    return _checked(request, write, partial=partial)
+
+
+async def put_record(request: web.Request) -> web.Response:
+    (result,) = await _write(request, [await _one_record(request, partial=False)])
+    return web.json_response(_result(result))
+
+
+async def patch_record(request: web.Request) -> web.Response:
+    collection, _ = _collection(request)
+    key = request.match_info["key"]
+    if await request.app[STORE_KEY].get(collection, key) is None:
+        raise web.HTTPNotFound(text=f"no record {key!r} in {collection}: PUT the whole record")
+    (result,) = await _write(request, [await _one_record(request, partial=True)])
     return web.json_response(_result(result))
 
 
 async def post_record(request: web.Request) -> web.Response:
     collection, key_field = _collection(request)
-    write = record_to_write(await _json_body(request), collection, key_field)
+    write = _checked(request, record_to_write(await _json_body(request), collection, key_field))
     (result,) = await _write(request, [write])
     return web.json_response(_result(result), status=201 if result.seq else 200)
 
@@ -129,7 +157,13 @@ async def bulk(request: web.Request) -> web.Response:
     collection, key_field = _collection(request)
     body = await request.read()
     async with request.app[BULK_SLOTS]:
-        writes = parse_ndjson(body.splitlines(), collection, key_field, source="request body")
+        writes = parse_ndjson(
+            body.splitlines(),
+            collection,
+            key_field,
+            source="request body",
+            check=_checker(request),
+        )
         del body
         results = await _write(request, writes)
         del writes
@@ -184,13 +218,18 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(await read_status(request.app[STORE_KEY]))
 
 
-def create_app(store: AgentStore, config: AgentConfig) -> web.Application:
+def create_app(
+    store: AgentStore, config: AgentConfig, validator: EdgeValidator | None = None
+) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
     app[STORE_KEY] = store
     app[CONFIG_KEY] = config
+    if validator is not None:
+        app[VALIDATOR_KEY] = validator
     app[BULK_SLOTS] = asyncio.Semaphore(BULK_IN_FLIGHT)
     base = "/v1/collections/{collection}"
     app.router.add_put(base + "/records/{key}", put_record)
+    app.router.add_patch(base + "/records/{key}", patch_record)
     app.router.add_post(base + "/records", post_record)
     app.router.add_delete(base + "/records/{key}", delete_record)
     app.router.add_post(base + "/bulk", bulk)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ class RecordError:
     key: str | None = None
     field: str | None = None
     source: str | None = None
+    stage: str | None = None  # "schema" or "rules" when the collections file refused it
 
     def __str__(self) -> str:
         where = [
@@ -197,9 +198,17 @@ def record_to_write(
 
 
 def parse_ndjson(
-    lines: Iterable[bytes | str], collection: str, key_field: str, *, source: str | None = None
+    lines: Iterable[bytes | str],
+    collection: str,
+    key_field: str,
+    *,
+    source: str | None = None,
+    check: Callable[..., list[RecordError]] | None = None,
 ) -> list[Write]:
-    """Parse NDJSON; every bad line is reported (with its number) and none of the input is kept."""
+    """Parse NDJSON; every bad line is reported (with its number) and none of the input is kept.
+
+    `check(write, line=, source=)` adds the collection's own rules (agent.capture.validate).
+    """
     writes: list[Write] = []
     errors: list[RecordError] = []
     for number, line in enumerate(lines, start=1):
@@ -211,13 +220,16 @@ def parse_ndjson(
             errors.append(RecordError(f"not valid JSON: {e}", "json", number, source=source))
             continue
         try:
-            writes.append(
-                record_to_write(
-                    obj, collection, key_field, line=number, source=source, size=len(line)
-                )
+            write = record_to_write(
+                obj, collection, key_field, line=number, source=source, size=len(line)
             )
         except RejectedInput as e:
             errors.extend(e.errors)
+            continue
+        if check is not None and (refused := check(write, line=number, source=source)):
+            errors.extend(refused)
+            continue
+        writes.append(write)
     if errors:
         raise RejectedInput(errors)
     return writes
