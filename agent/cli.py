@@ -12,6 +12,7 @@ import contextlib
 import json
 import socket
 import sys
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from functools import wraps
 from pathlib import Path
@@ -19,7 +20,14 @@ from typing import Any, TypeVar
 
 import click
 
-from agent.capture.records import RejectedInput, loads_record, parse_ndjson, record_to_write
+from agent.capture import errorqueue
+from agent.capture.records import (
+    RecordError,
+    RejectedInput,
+    loads_record,
+    parse_ndjson,
+    record_to_write,
+)
 from agent.capture.validate import EdgeValidator
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_agent_config
 from agent.hqclient import HQError, enroll
@@ -203,6 +211,143 @@ def put(config: AgentConfig, collection: str, record: str | None, path: str | No
     click.echo(
         f"stored {len(results)} records ({changed} changed, {len(results) - changed} unchanged)"
     )
+
+
+@main.group()
+def errors() -> None:
+    """The error queue: records the collection's rules refused, kept for you to fix."""
+
+
+def _with_queue(config: AgentConfig, work: Callable[..., Coroutine[Any, Any, T]]) -> T:
+    async def run() -> T:
+        async with open_agent(config) as agent:
+            validator = EdgeValidator.for_agent(config, agent.store.clock.physical)
+            return await work(agent.store, validator)
+
+    with friendly_errors():
+        try:
+            return asyncio.run(run())
+        except errorqueue.UnknownEntry as e:
+            _fail(str(e.args[0]))
+    raise AssertionError("unreachable")
+
+
+@errors.command("list")
+@with_config
+@click.option("--all", "everything", is_flag=True, help="Also resubmitted and discarded entries.")
+def errors_list(config: AgentConfig, everything: bool) -> None:
+    """Entries waiting for a fix (id, collection, key, rules broken)."""
+
+    async def work(store: Any, validator: Any) -> list[Any]:
+        return list(await store.queued_errors(None if everything else "open", limit=10_000))
+
+    entries = _with_queue(config, work)
+    if not entries:
+        click.echo("the error queue is empty")
+    for entry in entries:
+        rules = ", ".join(sorted({e["rule"] for e in entry.errors}))
+        click.echo(f"{entry.id:>6}  {entry.status:<11} {entry.collection}/{entry.key}  {rules}")
+
+
+@errors.command("show")
+@with_config
+@click.argument("entry_id", type=int)
+def errors_show(config: AgentConfig, entry_id: int) -> None:
+    """One entry: what is wrong (field, rule, message) and the record as submitted."""
+
+    async def work(store: Any, validator: Any) -> Any:
+        entry = await store.queued_error(entry_id)
+        if entry is None:
+            raise errorqueue.UnknownEntry(f"no error-queue entry {entry_id}")
+        return entry
+
+    entry = _with_queue(config, work)
+    click.echo(f"entry {entry.id} ({entry.status}): {entry.collection}/{entry.key}")
+    for error in entry.errors:
+        click.echo(f"  - {error.get('text', error.get('message'))}")
+    click.echo(json.dumps(entry.payload, indent=2, ensure_ascii=False))
+
+
+@errors.command("fix")
+@with_config
+@click.argument("entry_id", type=int)
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="FIELD=JSON",
+    help="Set a field (the value is JSON, or text): --set household_size=4",
+)
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The whole corrected record as a JSON file.",
+)
+def errors_fix(
+    config: AgentConfig, entry_id: int, assignments: tuple[str, ...], path: str | None
+) -> None:
+    """Correct an entry's record and check it again (then: errors resubmit ID)."""
+    replacement = None
+    if path is not None:
+        with friendly_errors():
+            replacement = loads_record(Path(path).read_bytes())
+
+    async def work(store: Any, validator: Any) -> list[Any]:
+        entry = await store.queued_error(entry_id)
+        if entry is None or entry.status != "open":
+            raise errorqueue.UnknownEntry(f"no open error-queue entry {entry_id}")
+        payload = dict(entry.payload) if replacement is None else replacement
+        for assignment in assignments:
+            name, sep, text = assignment.partition("=")
+            if not sep or not name:
+                raise RejectedInput([RecordError("--set takes FIELD=VALUE", "usage")])
+            try:
+                payload[name] = loads_record(text)
+            except ValueError:
+                payload[name] = text
+        return await errorqueue.fix(store, config, validator, entry_id, payload)
+
+    remaining = _with_queue(config, work)
+    if remaining:
+        click.echo(f"entry {entry_id} still has problems:")
+        for error in remaining:
+            click.echo(f"  - {error}")
+        sys.exit(1)
+    click.echo(
+        f"entry {entry_id} now passes; store it with: fieldsync-agent errors resubmit {entry_id}"
+    )
+
+
+@errors.command("resubmit")
+@with_config
+@click.argument("entry_id", type=int)
+def errors_resubmit(config: AgentConfig, entry_id: int) -> None:
+    """Check an entry again and, if it passes, store it (it then syncs like any record)."""
+
+    async def work(store: Any, validator: Any) -> list[Any]:
+        return await errorqueue.resubmit(
+            store, config, validator, entry_id, int(time.time() * 1000)
+        )
+
+    remaining = _with_queue(config, work)
+    if remaining:
+        _fail("; ".join(str(e) for e in remaining))
+    click.echo(f"entry {entry_id} stored")
+
+
+@errors.command("discard")
+@with_config
+@click.argument("entry_id", type=int)
+@click.option("--reason", required=True, help="Why the record is not kept.")
+def errors_discard(config: AgentConfig, entry_id: int, reason: str) -> None:
+    """Give up on an entry, with a reason (it stays listed as discarded)."""
+
+    async def work(store: Any, validator: Any) -> None:
+        await errorqueue.discard(store, entry_id, reason, int(time.time() * 1000))
+
+    _with_queue(config, work)
+    click.echo(f"entry {entry_id} discarded")
 
 
 @main.command()

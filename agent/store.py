@@ -58,6 +58,21 @@ CREATE TABLE IF NOT EXISTS batches (
     sealed BLOB NOT NULL,      -- the exact bytes sent, so a resend is identical
     created_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS error_queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    payload TEXT NOT NULL,     -- the record as submitted (JSON), or as last fixed
+    errors TEXT NOT NULL,      -- why it was refused: [{stage, rule, field, message}] (JSON)
+    source TEXT,               -- where it came from (request body, file name) and line
+    line INTEGER,
+    received_ms INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'open',   -- open | resubmitted | discarded
+    resolved_ms INTEGER,
+    note TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS error_queue_once ON error_queue (collection, key, payload)
+    WHERE status = 'open';
 """
 
 META_DEFAULTS: dict[str, Any] = {
@@ -100,6 +115,35 @@ class WriteResult:
     key: str
     seq: int | None  # origin sequence of the change, None when the write changed nothing
     hlc: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedError:
+    """A record the collection's rules refused, kept for a person to fix, resubmit or discard."""
+
+    collection: str
+    key: str
+    payload: dict[str, Any]
+    errors: list[dict[str, Any]]
+    source: str | None
+    line: int | None
+    received_ms: int
+    id: int = 0
+    status: str = "open"
+    resolved_ms: int | None = None
+    note: str | None = None
+
+
+_ERROR_COLUMNS = (
+    "collection, key, payload, errors, source, line, received_ms, id, status, resolved_ms, note"
+)
+
+
+def _queued_error(row: Sequence[Any]) -> QueuedError:
+    values = list(row)
+    values[2] = orjson.loads(values[2])
+    values[3] = orjson.loads(values[3])
+    return QueuedError(*values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,6 +505,83 @@ class AgentStore:
         return await self._transaction(body)
 
     # ---- status ------------------------------------------------------------------------------
+
+    # ---- error queue: records refused by the collection's rules, kept for people to fix ----------
+
+    async def queue_errors(self, entries: Sequence[QueuedError]) -> int:
+        """Keep refused records durably (an identical open entry is kept once); returns how many
+        were added."""
+
+        async def body(db: aiosqlite.Connection) -> int:
+            before = db.total_changes
+            await db.executemany(
+                "INSERT OR IGNORE INTO error_queue (collection, key, payload, errors, source, line,"
+                " received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        e.collection,
+                        e.key,
+                        orjson.dumps(e.payload).decode(),
+                        orjson.dumps(e.errors).decode(),
+                        e.source,
+                        e.line,
+                        e.received_ms,
+                    )
+                    for e in entries
+                ],
+            )
+            return int(db.total_changes - before)
+
+        return await self._transaction(body)
+
+    async def queued_errors(
+        self, status: str | None = "open", limit: int = 100, after_id: int = 0
+    ) -> list[QueuedError]:
+        sql = f"SELECT {_ERROR_COLUMNS} FROM error_queue WHERE id > ?"
+        params: list[Any] = [after_id]
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(status)
+        async with self._reader.execute(sql + " ORDER BY id LIMIT ?", (*params, limit)) as cur:
+            return [_queued_error(row) async for row in cur]
+
+    async def queued_error(self, entry_id: int) -> QueuedError | None:
+        async with self._reader.execute(
+            f"SELECT {_ERROR_COLUMNS} FROM error_queue WHERE id = ?", (entry_id,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else _queued_error(row)
+
+    async def update_error(
+        self,
+        entry_id: int,
+        *,
+        payload: dict[str, Any] | None = None,
+        errors: list[dict[str, Any]] | None = None,
+        status: str | None = None,
+        note: str | None = None,
+        resolved_ms: int | None = None,
+    ) -> None:
+        """Change an open entry: a fixed payload and its new errors, or its end (resubmitted or
+        discarded, with a note)."""
+
+        async def body(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "UPDATE error_queue SET payload = coalesce(?, payload),"
+                " errors = coalesce(?, errors), status = coalesce(?, status),"
+                " note = coalesce(?, note), resolved_ms = coalesce(?, resolved_ms)"
+                " WHERE id = ? AND status = 'open'",
+                (
+                    None if payload is None else orjson.dumps(payload).decode(),
+                    None if errors is None else orjson.dumps(errors).decode(),
+                    status,
+                    note,
+                    resolved_ms,
+                    entry_id,
+                ),
+            )
+
+        await self._transaction(body)
 
     async def backlog(self) -> dict[str, int]:
         """Changes not yet acked by HQ and their stored size; sealed batches waiting and theirs."""

@@ -192,6 +192,8 @@ async def test_bulk_counts_accepted_changed_and_unchanged(
         "unchanged": 2,
         "first_seq": 4,
         "last_seq": 11,
+        "queued_errors": 0,
+        "errors": [],
     }
     assert await store.count(COLLECTION) == 10
     nothing = await json_of(await client.post(BULK, data=b"\n\n"), 200)
@@ -201,6 +203,8 @@ async def test_bulk_counts_accepted_changed_and_unchanged(
         "unchanged": 0,
         "first_seq": None,
         "last_seq": None,
+        "queued_errors": 0,
+        "errors": [],
     }
     deletes = ndjson([{KEY_FIELD: "b00000", "_op": "delete"}, {KEY_FIELD: "zz", "_op": "delete"}])
     answer = await json_of(await client.post(BULK, data=deletes), 200)

@@ -9,6 +9,11 @@
     GET    /v1/collections/{c}/records/{key}   the record, or 404
     GET    /v1/collections/{c}/records?f=v&after=KEY&limit=N   exact-match filters, paged by key
     GET    /v1/status                          backlog, last contact, last error, clock offset
+    GET    /v1/errors[?status=open|all]         the error queue: records the collection's rules
+    GET    /v1/errors/{id}                     refused in bulk capture (kept, never dropped)
+    PUT    /v1/errors/{id}                     a fixed record: checked again, kept with its errors
+    POST   /v1/errors/{id}/resubmit            checked again and, if it passes, stored and synced
+    POST   /v1/errors/{id}/discard             {"reason": ...}
 
 A 2xx answer to a write means it is fsync'd. Errors are JSON: {"error": rule, "message": ...,
 "errors": [{line, key, field, rule, message}]}.
@@ -24,6 +29,8 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.capture import errorqueue
+from agent.capture.errorqueue import entry_for
 from agent.capture.records import (
     RecordError,
     RejectedInput,
@@ -34,7 +41,8 @@ from agent.capture.records import (
 from agent.capture.validate import EdgeValidator
 from agent.config import AgentConfig
 from agent.status import read_status
-from agent.store import AgentStore, StoreError, Write, WriteResult
+from agent.store import AgentStore, QueuedError, StoreError, Write, WriteResult
+from protocol.hlc import system_ms
 
 log = logging.getLogger("fieldsync.agent.api")
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -156,6 +164,14 @@ async def delete_record(request: web.Request) -> web.Response:
 async def bulk(request: web.Request) -> web.Response:
     collection, key_field = _collection(request)
     body = await request.read()
+    store = request.app[STORE_KEY]
+    refused: list[QueuedError] = []
+
+    def queue(record: Any, line: int, errors: list[RecordError]) -> None:
+        refused.append(
+            entry_for(record, collection, key_field, line, "request body", errors, system_ms())
+        )
+
     async with request.app[BULK_SLOTS]:
         writes = parse_ndjson(
             body.splitlines(),
@@ -163,10 +179,13 @@ async def bulk(request: web.Request) -> web.Response:
             key_field,
             source="request body",
             check=_checker(request),
+            on_refused=queue,
         )
         del body
         results = await _write(request, writes)
         del writes
+        if refused:  # durable before the answer, like the accepted records
+            await store.queue_errors(refused)
     changed = [r.seq for r in results if r.seq is not None]
     return web.json_response(
         {
@@ -175,8 +194,101 @@ async def bulk(request: web.Request) -> web.Response:
             "unchanged": len(results) - len(changed),
             "first_seq": changed[0] if changed else None,
             "last_seq": changed[-1] if changed else None,
+            "queued_errors": len(refused),
+            "errors": [error for entry in refused for error in entry.errors],
         }
     )
+
+
+# ---- the error queue ---------------------------------------------------------------------------
+
+
+def _entry_json(entry: QueuedError) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "collection": entry.collection,
+        "key": entry.key,
+        "status": entry.status,
+        "errors": entry.errors,
+        "payload": entry.payload,
+        "source": entry.source,
+        "line": entry.line,
+        "received_ms": entry.received_ms,
+        "note": entry.note,
+    }
+
+
+def _entry_id(request: web.Request) -> int:
+    try:
+        return int(request.match_info["id"])
+    except ValueError as e:
+        raise web.HTTPBadRequest(text="an error-queue id is a number") from e
+
+
+async def list_errors(request: web.Request) -> web.Response:
+    status = request.query.get("status", "open")
+    entries = await request.app[STORE_KEY].queued_errors(
+        None if status == "all" else status,
+        limit=MAX_PAGE,
+        after_id=int(request.query.get("after", 0)),
+    )
+    return web.json_response({"errors": [_entry_json(e) for e in entries]})
+
+
+async def show_error(request: web.Request) -> web.Response:
+    entry = await request.app[STORE_KEY].queued_error(_entry_id(request))
+    if entry is None:
+        raise web.HTTPNotFound(text="no such error-queue entry")
+    return web.json_response(_entry_json(entry))
+
+
+async def fix_error(request: web.Request) -> web.Response:
+    payload = await _json_body(request)
+    if not isinstance(payload, dict):
+        raise RejectedInput(
+            [RecordError("the fixed record must be a JSON object", "record_is_object")]
+        )
+    try:
+        remaining = await errorqueue.fix(
+            request.app[STORE_KEY],
+            request.app[CONFIG_KEY],
+            request.app.get(VALIDATOR_KEY),
+            _entry_id(request),
+            payload,
+        )
+    except errorqueue.UnknownEntry as e:
+        raise web.HTTPNotFound(text=str(e)) from e
+    return web.json_response({"ready": not remaining, "errors": [e.to_json() for e in remaining]})
+
+
+async def resubmit_error(request: web.Request) -> web.Response:
+    try:
+        remaining = await errorqueue.resubmit(
+            request.app[STORE_KEY],
+            request.app[CONFIG_KEY],
+            request.app.get(VALIDATOR_KEY),
+            _entry_id(request),
+            system_ms(),
+        )
+    except errorqueue.UnknownEntry as e:
+        raise web.HTTPNotFound(text=str(e)) from e
+    if remaining:
+        raise RejectedInput(remaining)
+    return web.json_response({"stored": True})
+
+
+async def discard_error(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    reason = body.get("reason", "") if isinstance(body, dict) else ""
+    try:
+        await errorqueue.discard(
+            request.app[STORE_KEY], _entry_id(request), str(reason), system_ms()
+        )
+    except errorqueue.UnknownEntry as e:
+        raise web.HTTPNotFound(text=str(e)) from e
+    except ValueError as e:
+        raise web.HTTPBadRequest(text=str(e)) from e
+    return web.json_response({"discarded": True})
 
 
 async def get_record(request: web.Request) -> web.Response:
@@ -236,4 +348,9 @@ def create_app(
     app.router.add_get(base + "/records/{key}", get_record)
     app.router.add_get(base + "/records", list_records)
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/errors", list_errors)
+    app.router.add_get("/v1/errors/{id}", show_error)
+    app.router.add_put("/v1/errors/{id}", fix_error)
+    app.router.add_post("/v1/errors/{id}/resubmit", resubmit_error)
+    app.router.add_post("/v1/errors/{id}/discard", discard_error)
     return app

@@ -204,10 +204,13 @@ def parse_ndjson(
     *,
     source: str | None = None,
     check: Callable[..., list[RecordError]] | None = None,
+    on_refused: Callable[[Any, int, list[RecordError]], None] | None = None,
 ) -> list[Write]:
     """Parse NDJSON; every bad line is reported (with its number) and none of the input is kept.
 
-    `check(write, line=, source=)` adds the collection's own rules (agent.capture.validate).
+    `check(write, line=, source=)` adds the collection's own rules (agent.capture.validate). With
+    `on_refused(record, line, errors)`, a well-formed record that breaks those rules is handed to it
+    (for the error queue) instead of refusing the whole input.
     """
     writes: list[Write] = []
     errors: list[RecordError] = []
@@ -227,7 +230,10 @@ def parse_ndjson(
             errors.extend(e.errors)
             continue
         if check is not None and (refused := check(write, line=number, source=source)):
-            errors.extend(refused)
+            if on_refused is not None:
+                on_refused(obj, number, refused)
+            else:
+                errors.extend(refused)
             continue
         writes.append(write)
     if errors:
