@@ -58,8 +58,9 @@ class SyncSection:
     )
     batch_max_bytes: int = setting(
         1_048_576,
-        "Most uncompressed body bytes per batch: bounds what one lost connection costs.",
-        between(1024, 32 * 1024 * 1024),
+        "Most uncompressed body bytes per batch: bounds what one lost connection costs (at most "
+        "6 MiB, so a batch of data that does not compress stays under HQ's 8 MiB request limit).",
+        between(1024, 6 * 1024 * 1024),
     )
     window: int = setting(
         4, "Sealed batches kept ready ahead of HQ's acknowledgement.", between(1, 64)

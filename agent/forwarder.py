@@ -116,7 +116,13 @@ class Forwarder:
         await self.store.set_meta(**values)
 
     async def sync_once(self) -> None:
-        await self.push_all()
+        """Push, then pull -- the pull even when the push failed: a batch HQ refuses must not cut
+        the office off from HQ's data."""
+        try:
+            await self.push_all()
+        except HQError:
+            await self.pull_all()
+            raise
         await self.pull_all()
 
     async def run(self, stop: asyncio.Event) -> None:

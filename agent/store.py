@@ -214,7 +214,10 @@ class AgentStore:
                     await db.execute("COMMIT")
                     return result
                 except BaseException:
-                    await db.execute("ROLLBACK")
+                    # SQLite has already rolled back after disk-full or I/O errors: keep the
+                    # original error rather than "no transaction is active".
+                    if db.in_transaction:
+                        await db.execute("ROLLBACK")
                     raise
 
         return await asyncio.shield(run())
@@ -304,7 +307,9 @@ class AgentStore:
                     continue
                 else:
                     fields = {}
-                hlc = self.clock.now()
+                # Above the record's version even when a far-ahead clock elsewhere stamped it: a
+                # write the caller is told was stored must win over what it replaced.
+                hlc = max(self.clock.now(), state.version + 1)
                 parent = state.version
                 apply_change(
                     state,
@@ -561,27 +566,34 @@ class AgentStore:
         status: str | None = None,
         note: str | None = None,
         resolved_ms: int | None = None,
-    ) -> None:
+        if_payload: dict[str, Any] | None = None,
+    ) -> bool:
         """Change an open entry: a fixed payload and its new errors, or its end (resubmitted or
-        discarded, with a note)."""
+        discarded, with a note). With `if_payload`, only if the entry still holds that payload
+        (a fix saved meanwhile wins). True if the entry changed."""
 
-        async def body(db: aiosqlite.Connection) -> None:
-            await db.execute(
+        async def body(db: aiosqlite.Connection) -> bool:
+            sql = (
                 "UPDATE error_queue SET payload = coalesce(?, payload),"
                 " errors = coalesce(?, errors), status = coalesce(?, status),"
                 " note = coalesce(?, note), resolved_ms = coalesce(?, resolved_ms)"
-                " WHERE id = ? AND status = 'open'",
-                (
-                    None if payload is None else orjson.dumps(payload).decode(),
-                    None if errors is None else orjson.dumps(errors).decode(),
-                    status,
-                    note,
-                    resolved_ms,
-                    entry_id,
-                ),
+                " WHERE id = ? AND status = 'open'"
             )
+            params: list[Any] = [
+                None if payload is None else orjson.dumps(payload).decode(),
+                None if errors is None else orjson.dumps(errors).decode(),
+                status,
+                note,
+                resolved_ms,
+                entry_id,
+            ]
+            if if_payload is not None:
+                sql += " AND payload = ?"
+                params.append(orjson.dumps(if_payload).decode())
+            cursor = await db.execute(sql, params)
+            return bool(cursor.rowcount)
 
-        await self._transaction(body)
+        return await self._transaction(body)
 
     async def backlog(self) -> dict[str, int]:
         """Changes not yet acked by HQ and their stored size; sealed batches waiting and theirs."""

@@ -327,6 +327,16 @@ async def test_pull_applies_feed_pages_and_advances_the_cursor(tmp_path: Path) -
         assert r.hq.pulls == [0, 1, 2]
 
 
+async def test_a_refused_push_does_not_cut_the_office_off_from_hqs_data(tmp_path: Path) -> None:
+    async with rig(tmp_path, gap_expected=7) as r:
+        await write_records(r.store, 2)
+        r.hq.feed = [[remote("h1", 1)]]
+        with pytest.raises(RejectedError, match="expects batch 7"):
+            await r.forwarder.sync_once()
+        assert await r.store.get(COLLECTION, "h1") is not None  # pulled all the same
+        assert (await r.store.backlog())["changes"] == 2  # and nothing of ours deleted
+
+
 async def test_a_feed_page_not_signed_by_hq_is_refused(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
         r.hq.feed = [[remote("h1", 1)]]

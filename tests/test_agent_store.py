@@ -434,6 +434,19 @@ async def test_a_far_future_remote_stamp_merges_without_dragging_the_clock(
         assert int((await store.meta())["clock_last"]) < future
 
 
+async def test_a_local_write_over_a_far_future_stamp_still_wins(tmp_path: Path) -> None:
+    """A record stamped by a laptop whose clock runs a day ahead: editing it here must change it
+    (the caller is told it was stored), without pulling this node's clock into the future."""
+    async with open_store(tmp_path / "agent.db") as store:
+        future = pack(system_ms() + DAY_MS)
+        await store.apply_feed([remote("f", {KEY_FIELD: "f", "v": 1}, future, "hq-other")], 1)
+        (edit,) = await store.write([upsert({KEY_FIELD: "f", "v": 2})])
+        assert edit.seq is not None and edit.hlc is not None and edit.hlc > future
+        assert await store.get(COLLECTION, "f") == {KEY_FIELD: "f", "v": 2}
+        (other,) = await store.write([upsert(beneficiary(2))])
+        assert other.hlc is not None and other.hlc < future  # the clock itself stays true
+
+
 async def test_feed_merge_and_cursor_survive_a_reopen(tmp_path: Path) -> None:
     db = tmp_path / "agent.db"
     async with open_store(db) as store:

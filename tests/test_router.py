@@ -398,3 +398,16 @@ async def test_a_resubmission_that_errors_is_backed_off(rig: Rig) -> None:
     assert not await runner.step()
     assert not await runner.step()  # not due yet: nothing sent
     assert len(down.seen) == 1
+
+
+async def test_an_errored_item_does_not_dead_letter_changes_behind_it_again_and_again(
+    rig: Rig,
+) -> None:
+    await rig.write(("g0", {"ok": True, "parts": ["a"]}), ("g1", {"parts": ["b"]}))
+    sink = ScriptedSink(lambda item: Outcome.errored("500 boom"))
+    runner = rig.runner(make_route(attempts=3, mapping=StrictFanOut()), sink)
+    await rig.drain(runner)
+    letters = await rig.router_store.dead_letters(route="to-finance")
+    # g0's item spent its 3 attempts; g1's mapping failure was dead-lettered once, when reached.
+    assert sorted((d.key, d.reason) for d in letters) == [("g0", "exhausted"), ("g1", "mapping")]
+    assert sink.seen.count(idempotency_key("to-finance", rig.node.node_id, 1, 0)) == 3

@@ -5,7 +5,8 @@
     POST   /v1/collections/{c}/records         JSON object with the key field -> upsert
     DELETE /v1/collections/{c}/records/{key}   tombstone
     POST   /v1/collections/{c}/bulk            NDJSON, one record per line ("_op": "delete" to delete);
-                                               all lines are accepted or none is
+                                               malformed input refuses the whole body; records the
+                                               collection's rules refuse go to the error queue
     GET    /v1/collections/{c}/records/{key}   the record, or 404
     GET    /v1/collections/{c}/records?f=v&after=KEY&limit=N   exact-match filters, paged by key
     GET    /v1/status                          backlog, last contact, last error, clock offset
@@ -218,11 +219,15 @@ def _entry_json(entry: QueuedError) -> dict[str, Any]:
     }
 
 
+def _id_param(text: str, what: str) -> int:
+    """A positive database id from the URL; anything else is a 400, never a 500."""
+    if not text.isdigit() or len(text) > 18:
+        raise web.HTTPBadRequest(text=f"{what} must be an error-queue id (a number)")
+    return int(text)
+
+
 def _entry_id(request: web.Request) -> int:
-    try:
-        return int(request.match_info["id"])
-    except ValueError as e:
-        raise web.HTTPBadRequest(text="an error-queue id is a number") from e
+    return _id_param(request.match_info["id"], "the id")
 
 
 async def list_errors(request: web.Request) -> web.Response:

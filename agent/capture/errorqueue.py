@@ -92,7 +92,11 @@ async def resubmit(
     # Written first: a crash before the entry is closed means a second resubmit, which stores
     # nothing new (the record is unchanged) and then closes it.
     await store.write([write])
-    await store.update_error(entry_id, status="resubmitted", resolved_ms=now_ms)
+    closed = await store.update_error(
+        entry_id, status="resubmitted", resolved_ms=now_ms, if_payload=entry.payload
+    )
+    if not closed:  # fixed again meanwhile: that newer fix is what must be stored
+        return await resubmit(store, config, validator, entry_id, now_ms)
     return []
 
 

@@ -296,6 +296,9 @@ class RouteRunner:
         targets: _Targets,
     ) -> bool:
         """Stop the run at `slot`; back off; dead-letter it once its attempts are spent."""
+        # Mapping failures planned for changes after the stop are not reached yet: they are
+        # dead-lettered when the route gets there, once.
+        dead[:] = [d for d in dead if d.change.seq < slot.change.seq]
         moved = position != (state.cursor, state.partial) or delivered > 0 or bool(dead)
         failures = 1 if moved else state.failures + 1
         attempts = (0 if moved else state.attempts) + (0 if outcome.target_down else 1)
