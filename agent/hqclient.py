@@ -161,8 +161,11 @@ class HQClient:
         )
         if status == 409:
             try:
-                return Gap(int(json.loads(body)["expected"]))
-            except (ValueError, KeyError, TypeError) as e:
+                answer = json.loads(body)
+                if answer.get("error") == "diverged":
+                    raise RejectedError(f"push: HQ refused: {answer.get('message')}")
+                return Gap(int(answer["expected"]))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise TransientError(f"push: malformed 409 answer from HQ: {body[:200]!r}") from e
         try:
             opened = open_sealed(body, self._key_of)

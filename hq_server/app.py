@@ -220,6 +220,14 @@ async def _post_batch(request: web.Request) -> web.Response:
     )
     if result.appended and state.router is not None:
         state.router.notify()
+    if result.status is IngestStatus.DIVERGED:
+        return _json_error(
+            409,
+            "diverged",
+            f"batch {outcome.batch_seq} differs from the batch {outcome.batch_seq} HQ already "
+            "holds from this node: its database went back in time (restored from a backup?). "
+            "Nothing was changed; re-enrol the node with a new key to continue.",
+        )
     if result.status is IngestStatus.GAP or outcome.ack is None:
         return _json_error(
             409,

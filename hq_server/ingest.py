@@ -13,9 +13,11 @@ the node is flagged for an operator and HQ's own clock is not moved by the bad t
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -151,6 +153,18 @@ def _when(stamp: int) -> str:
         return str(stamp)
 
 
+def batch_digest(changes: Sequence[Change]) -> bytes:
+    """What identifies a batch's content: each change's sequence, timestamp, op and key. A resend
+    (even re-sealed) has the same; a batch re-made from a database restored from a backup reuses
+    sequence numbers for writes with other timestamps, and so differs."""
+    h = hashlib.sha256()
+    for change in changes:
+        h.update(f"{change.seq}\x1f{change.hlc}\x1f{change.op}\x1f{change.collection}\x1f".encode())
+        h.update(change.key.encode())
+        h.update(b"\x1e")
+    return h.digest()
+
+
 class Ingestor:
     """Turns sealed batch bytes into stored changes and a signed ack.
 
@@ -179,13 +193,19 @@ class Ingestor:
         offset, flag = self._check_clock(batch)
         try:
             result = await self.store.ingest(
-                batch.node_id, batch.seq, batch.changes, clock_offset_ms=offset, flag=flag
+                batch.node_id,
+                batch.seq,
+                batch.changes,
+                clock_offset_ms=offset,
+                flag=flag,
+                digest=batch_digest(batch.changes),
             )
         except (NodeNotFound, NodeRevoked) as e:
             raise UnknownNode(str(e)) from e
         except UnstorableChange as e:
             raise CorruptMessage(str(e)) from e
-        ack = None if result.status is IngestStatus.GAP else self.seal_ack(batch.node_id, result)
+        refused = result.status in (IngestStatus.GAP, IngestStatus.DIVERGED)
+        ack = None if refused else self.seal_ack(batch.node_id, result)
         return IngestOutcome(
             batch.node_id, batch.seq, len(batch.changes), batch.size, result, ack, flag
         )

@@ -99,6 +99,15 @@ CREATE TABLE IF NOT EXISTS changelog (
     received_at INTEGER NOT NULL,
     UNIQUE (origin, origin_seq)
 );
+CREATE TABLE IF NOT EXISTS batch_digests (
+    -- What every applied batch held (ingest.batch_digest: change sequences, timestamps, ops,
+    -- keys): a batch with a known number but other content comes from a node whose database
+    -- went back in time (a restored backup) and is refused instead of taken for a duplicate.
+    node_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    PRIMARY KEY (node_id, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at INTEGER NOT NULL,
@@ -222,6 +231,7 @@ class IngestStatus(enum.Enum):
     APPLIED = "applied"  # the batch was the next one: stored, acked_through advanced
     DUPLICATE = "duplicate"  # already stored: nothing changed, ack again
     GAP = "gap"  # an earlier batch is missing: nothing changed, ask for `expected`
+    DIVERGED = "diverged"  # a known batch number with other content: nothing changed, refuse
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +351,7 @@ class HQStore(Protocol):
         *,
         clock_offset_ms: int | None = None,
         flag: str | None = None,
+        digest: bytes | None = None,
     ) -> IngestResult:
         """Store batch `batch_seq` of `node_id` exactly once, in one transaction.
 
@@ -694,6 +705,7 @@ class SQLiteHQStore:
         *,
         clock_offset_ms: int | None = None,
         flag: str | None = None,
+        digest: bytes | None = None,
     ) -> IngestResult:
         now = self._wall()
         async with self._transaction("ingest") as conn:
@@ -706,12 +718,24 @@ class SQLiteHQStore:
             if revoked_at is not None:
                 raise NodeRevoked(f"node {node_id} was revoked")
             if batch_seq <= acked:
-                result = IngestResult(IngestStatus.DUPLICATE, acked)
+                known = await conn.execute_fetchall(
+                    "SELECT digest FROM batch_digests WHERE node_id = ? AND seq = ?",
+                    (node_id, batch_seq),
+                )
+                same = digest is None or not known or bytes(next(iter(known))[0]) == digest
+                status = IngestStatus.DUPLICATE if same else IngestStatus.DIVERGED
+                result = IngestResult(status, acked)
             elif batch_seq > acked + 1:
                 result = IngestResult(IngestStatus.GAP, acked)
             else:
                 appended, skipped = await self._apply(conn, changes, now)
                 result = IngestResult(IngestStatus.APPLIED, batch_seq, appended, skipped)
+                if digest is not None:
+                    await conn.execute(
+                        "INSERT OR REPLACE INTO batch_digests (node_id, seq, digest)"
+                        " VALUES (?, ?, ?)",
+                        (node_id, batch_seq, digest),
+                    )
             await conn.execute(
                 "UPDATE nodes SET acked_through = ?, last_contact = ?, "
                 "clock_offset_ms = COALESCE(?, clock_offset_ms), "

@@ -90,13 +90,14 @@ async def test_bad_keys_and_bodies_are_400_and_do_not_use_the_token(tmp_path: Pa
 async def test_reenrolling_a_key_keeps_its_high_water_mark(tmp_path: Path) -> None:
     async with running_hq(tmp_path) as hq:
         node = await hq.enroll(name="old-name")
-        assert await hq.acked(await hq.post(seal_batch(node, 1, make_changes(node, 1, 3)))) == 1
+        batch = seal_batch(node, 1, make_changes(node, 1, 3))
+        assert await hq.acked(await hq.post(batch)) == 1
         await hq.enroll(node, name="new-name")
         stored = await hq.store.get_node(node.node_id)
         assert stored is not None
         assert (stored.name, stored.acked_through) == ("new-name", 1)
-        # Batch 1 is still a duplicate: nothing is replayed.
-        assert await hq.acked(await hq.post(seal_batch(node, 1, make_changes(node, 1, 3)))) == 1
+        # Batch 1 (resent as it was) is still a duplicate: nothing is replayed.
+        assert await hq.acked(await hq.post(batch)) == 1
         assert await hq.store.changelog_count() == 3
 
 

@@ -66,6 +66,25 @@ async def test_ingest_is_exactly_once_and_matches_the_merge_rules(tmp_path: Path
         assert await store.changelog_count() == 6
 
 
+async def test_a_known_batch_number_with_other_bytes_is_refused_as_diverged(
+    tmp_path: Path,
+) -> None:
+    """A resend is byte-identical; other bytes under a known number mean the node's database went
+    back in time (a restored backup) -- taking it for a duplicate would ack, and so delete, new
+    writes HQ never stored."""
+    async with opened(tmp_path) as store:
+        node = await enrolled(store)
+        changes = make_changes(node, 1, 3)
+        assert (await store.ingest(node.node_id, 1, changes, digest=b"A" * 32)).status is (
+            IngestStatus.APPLIED
+        )
+        again = await store.ingest(node.node_id, 1, changes, digest=b"A" * 32)
+        assert again.status is IngestStatus.DUPLICATE
+        other = await store.ingest(node.node_id, 1, make_changes(node, 1, 3), digest=b"B" * 32)
+        assert (other.status, other.acked_through) == (IngestStatus.DIVERGED, 1)
+        assert await store.changelog_count() == 3
+
+
 async def test_ingest_refuses_unknown_and_revoked_nodes(tmp_path: Path) -> None:
     async with opened(tmp_path) as store:
         node = await enrolled(store)
