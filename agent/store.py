@@ -108,6 +108,9 @@ class Write:
     key: str
     op: Op
     fields: dict[str, Any]
+    # A partial update (PATCH): only for a record that exists when the transaction runs, so a
+    # concurrent delete is never undone by a record holding just the patched fields.
+    must_exist: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,7 @@ class WriteResult:
     key: str
     seq: int | None  # origin sequence of the change, None when the write changed nothing
     hlc: int | None
+    missing: bool = False  # a must_exist write found no live record: nothing was written
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +288,9 @@ class AgentStore:
         results: list[WriteResult] = []
         for w in writes:
             state = states.get((w.collection, w.key))
+            if w.must_exist and (state is None or not state.alive):
+                results.append(WriteResult(w.key, None, None, missing=True))
+                continue
             if state is None and w.op == "upsert":
                 # New record, the common case of field capture: every field is written.
                 hlc = self.clock.now()

@@ -279,7 +279,7 @@ async def test_status_reports_backlog_and_sync_state(
     [
         ("GET", "/", 404),
         ("GET", "/v1/nothing", 404),
-        ("PATCH", f"{RECORDS}/b1", 404),  # PATCH of a record that does not exist
+        ("PATCH", f"{RECORDS}/b1", 422),  # no body: refused before anything else
         ("DELETE", RECORDS, 405),
         ("GET", BULK, 405),
     ],

@@ -517,3 +517,17 @@ async def test_one_unstorable_record_does_not_fail_its_group_neighbours(tmp_path
         assert not isinstance(results[2], BaseException), f"a good neighbour failed: {results[2]}"
         assert bad is None, "a record the store cannot encode passed validation"
         assert not isinstance(results[1], BaseException)
+
+
+async def test_a_partial_update_never_revives_a_deleted_record(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "agent.db") as store:
+        patch = Write(COLLECTION, "p1", "upsert", {"phone": "+254700000001"}, must_exist=True)
+        (missing,) = await store.write([patch])
+        assert missing.missing and missing.seq is None
+        await store.write([upsert(beneficiary(1) | {KEY_FIELD: "p1"})])
+        (patched,) = await store.write([patch])
+        assert patched.seq is not None and not patched.missing
+        await store.write([delete("p1")])
+        (after_delete,) = await store.write([patch])
+        assert after_delete.missing
+        assert await store.get(COLLECTION, "p1") is None

@@ -138,11 +138,11 @@ async def put_record(request: web.Request) -> web.Response:
 
 
 async def patch_record(request: web.Request) -> web.Response:
-    collection, _ = _collection(request)
-    key = request.match_info["key"]
-    if await request.app[STORE_KEY].get(collection, key) is None:
-        raise web.HTTPNotFound(text=f"no record {key!r} in {collection}: PUT the whole record")
-    (result,) = await _write(request, [await _one_record(request, partial=True)])
+    write = await _one_record(request, partial=True)
+    patch = Write(write.collection, write.key, write.op, write.fields, must_exist=True)
+    (result,) = await _write(request, [patch])
+    if result.missing:
+        raise web.HTTPNotFound(text=f"no record {write.key!r} in {write.collection}: PUT it whole")
     return web.json_response(_result(result))
 
 
