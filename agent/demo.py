@@ -25,6 +25,10 @@ from typing import Any
 from agent import fieldgen
 
 DEMO_DIR = Path(".demo")
+EXAMPLE_COLLECTIONS = Path(__file__).resolve().parent.parent / "config" / "collections.example.toml"
+# Every N-th beneficiary is entered with a household size that does not match its members, as
+# happens on paper-to-tablet entry: the agent's rules send those to the local error queue.
+MISTAKE_EVERY = 997
 # The environment packaging/*.service give the daemons, so the demo and the benchmarks measure what
 # ships: two malloc arenas keep the agent's memory flat with its few threads.
 DAEMON_ENV = {**os.environ, "MALLOC_ARENA_MAX": "2"}
@@ -52,6 +56,7 @@ class LocalDeployment:
         *,
         sync: dict[str, Any] | None = None,
         hq_settings: dict[str, Any] | None = None,
+        agent_settings: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
         self.hq_port = _free_port()
@@ -62,6 +67,7 @@ class LocalDeployment:
         self.agent_proc: subprocess.Popen[str] | None = None
         self.procs: list[subprocess.Popen[str]] = []
         self.hq_settings = hq_settings or {}
+        self.agent_settings = agent_settings or {}
         self.sync = {
             "backoff_initial_s": 0.5,
             "backoff_max_s": 2.0,
@@ -78,9 +84,10 @@ class LocalDeployment:
             f'listen = "127.0.0.1:{self.hq_port}"\nlog_level = "warning"\n{extra}'
         )
         sync = "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.sync.items())
+        agent = "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.agent_settings.items())
         self.agent_config.write_text(
             f'[agent]\ndata_dir = "{(self.root / "agent").resolve()}"\nname = "field-office-1"\n'
-            f'listen = "127.0.0.1:{self.api_port}"\nlog_level = "error"\n\n'
+            f'listen = "127.0.0.1:{self.api_port}"\nlog_level = "error"\n{agent}\n'
             f"[sync]\n{sync}\n"
             '[collections.beneficiaries]\nkey = "beneficiary_id"\n\n'
             '[collections.distributions]\nkey = "distribution_id"\n'
@@ -235,7 +242,17 @@ class Demo:
             'type = "files"\n'
             f'directory = "{self.exports}"\n'
         )
-        self.deployment = LocalDeployment(root, hq_settings={"routes_file": str(routes.resolve())})
+        # The agent checks records against the example collections file (types and rules) when the
+        # repository's config/ is at hand; refused records wait in its error queue.
+        agent_settings = (
+            {"collections_file": str(EXAMPLE_COLLECTIONS)} if EXAMPLE_COLLECTIONS.exists() else {}
+        )
+        self.deployment = LocalDeployment(
+            root,
+            hq_settings={"routes_file": str(routes.resolve())},
+            agent_settings=agent_settings,
+        )
+        self.refused = 0
         self.root = root
         self.count = count
 
@@ -264,8 +281,13 @@ class Demo:
                 records = list(
                     fieldgen.records(collection, min(BULK_LINES, count - start), start=start)
                 )
+                if collection == "beneficiaries":
+                    for i, record in enumerate(records, start=start):
+                        if i % MISTAKE_EVERY == MISTAKE_EVERY - 1:
+                            record["household_size"] = len(record["members"]) + 1
                 body = b"\n".join(json.dumps(r).encode() for r in records)
-                self.deployment.api("POST", f"/v1/collections/{collection}/bulk", body)
+                answer = self.deployment.api("POST", f"/v1/collections/{collection}/bulk", body)
+                self.refused += int(answer.get("queued_errors", 0))
                 gzip_bytes += len(gzip.compress(json.dumps(records).encode(), compresslevel=6))
                 total += len(records)
         return total, gzip_bytes, time.monotonic() - started
@@ -306,9 +328,17 @@ class Demo:
         print(f"  sync time after HQ return  {sync_s:.1f} s ({records / sync_s:,.0f} records/s)")
         for collection, n in at_hq.items():
             print(f"  records at HQ              {n:,} {collection}")
-        routed = self.wait_routed(records)
+        stored = records - self.refused
+        routed = self.wait_routed(stored)
         print(f"  routed onward by HQ        {routed:,} records to {self.exports}/")
-        ok = sum(at_hq.values()) == records and routed == records
+        if self.refused:
+            print(
+                f"  refused at the edge        {self.refused:,} records broke a rule and wait in the "
+                "agent's error queue:\n"
+                f"                             {_bin('fieldsync-agent')} errors list "
+                f"--config {d.agent_config}"
+            )
+        ok = sum(at_hq.values()) == stored and routed == stored
         print(f"  result                     {'all records at HQ, once' if ok else 'MISMATCH'}")
         print(f"\nData stays in {self.root}/ (HQ: hq/hq.db, agent: agent/agent.db).")
         if not ok:
