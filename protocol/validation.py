@@ -188,30 +188,24 @@ def _check_object(
                 )
 
 
+def _length_problem(spec: Field, path: str, size: int, phrase: str) -> Violation | None:
+    """min_length/max_length of a string or a list; `phrase` is e.g. "hold {} {} items"."""
+    if spec.min_length is not None and size < spec.min_length:
+        wanted = phrase.format("at least", spec.min_length)
+        return Violation(path, "min_length", f"{path} must {wanted}, got {size}", SCHEMA)
+    if spec.max_length is not None and size > spec.max_length:
+        wanted = phrase.format("at most", spec.max_length)
+        return Violation(path, "max_length", f"{path} must {wanted}, got {size}", SCHEMA)
+    return None
+
+
 def _check_string(spec: Field, value: Any, path: str, out: list[Violation]) -> None:
     if not isinstance(value, str):
         _wrong_type(spec, value, path, out)
         return
-    size = len(value)
-    if spec.min_length is not None and size < spec.min_length:
-        out.append(
-            Violation(
-                path,
-                "min_length",
-                f"{path} must be at least {spec.min_length} characters long, got {size}",
-                SCHEMA,
-            )
-        )
-        return
-    if spec.max_length is not None and size > spec.max_length:
-        out.append(
-            Violation(
-                path,
-                "max_length",
-                f"{path} must be at most {spec.max_length} characters long, got {size}",
-                SCHEMA,
-            )
-        )
+    problem = _length_problem(spec, path, len(value), "be {} {} characters long")
+    if problem is not None:
+        out.append(problem)
         return
     if spec.pattern is not None and spec.pattern.fullmatch(value) is None:
         out.append(
@@ -347,26 +341,11 @@ def _check_list(spec: Field, value: Any, path: str, out: list[Violation]) -> Non
     if not isinstance(value, list):
         _wrong_type(spec, value, path, out)
         return
-    size = len(value)
-    if spec.min_length is not None and size < spec.min_length:
-        out.append(
-            Violation(
-                path,
-                "min_length",
-                f"{path} must hold at least {spec.min_length} items, got {size}",
-                SCHEMA,
-            )
-        )
-    elif spec.max_length is not None and size > spec.max_length:
-        out.append(
-            Violation(
-                path,
-                "max_length",
-                f"{path} must hold at most {spec.max_length} items, got {size}",
-                SCHEMA,
-            )
-        )
-        return  # an oversized list is not walked item by item
+    problem = _length_problem(spec, path, len(value), "hold {} {} items")
+    if problem is not None:
+        out.append(problem)
+        if problem.rule == "max_length":
+            return  # an oversized list is not walked item by item
     items = spec.items
     if items is None:
         return

@@ -9,21 +9,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_route_mapping import GRANT  # the golden source record, stated once
 
 from hq_server.cli import main
 from hq_server.routing.state import NewDeadLetter, RouterStore, RouteState, SourceChange
 from hq_server.store import SQLiteHQStore
 
 ROOT = Path(__file__).resolve().parent.parent
-GOLDEN_SOURCE = {
-    "grant_id": "GRT-2024-001",
-    "fy2024_personnel": 150000,
-    "fy2024_travel": 25000,
-    "fy2024_supplies": 15000,
-    "fy2025_personnel": 175000,
-    "fy2025_travel": 30000,
-    "fy2025_supplies": 18000,
-}
 GOLDEN_2024 = {
     "cost_centre": "CC-GRT-2024-001",
     "fiscal_year": "2024",
@@ -62,7 +54,7 @@ def test_route_test_prints_the_golden_grants_to_finance_records(
     hq_config: Path, tmp_path: Path
 ) -> None:
     sample = tmp_path / "grant.json"
-    sample.write_text(json.dumps(GOLDEN_SOURCE | {"status": "approved"}))
+    sample.write_text(json.dumps(GRANT | {"status": "approved"}))
     code, out, err = run(
         "route", "test", "--config", str(hq_config), "grants-to-finance", "--input", str(sample)
     )
@@ -79,7 +71,7 @@ def test_route_test_prints_the_golden_grants_to_finance_records(
 def test_route_test_shows_filtered_and_unmappable_samples(hq_config: Path, tmp_path: Path) -> None:
     sample = tmp_path / "grants.ndjson"
     sample.write_text(
-        json.dumps(GOLDEN_SOURCE | {"status": "draft"})
+        json.dumps(GRANT | {"status": "draft"})
         + "\n"
         + json.dumps({"status": "approved", "fy2024_travel": 1})
         + "\n"

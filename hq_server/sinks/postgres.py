@@ -530,13 +530,7 @@ class PostgresSink:
                 )
                 await conn.execute(sql, "[" + ",".join(writable[i] for i in stretch) + "]")
         except _RUN_ERRORS as e:
-            outcome = self._classify(e)
-            if outcome.target_down:
-                raise _RunLost(outcome) from e
-            try:
-                await savepoint.rollback()
-            except _RUN_ERRORS as rollback_error:
-                raise _RunLost(self._run_failure(rollback_error)) from e
+            outcome = await self._undo(savepoint, e)
             event(
                 log,
                 logging.INFO,
@@ -547,6 +541,19 @@ class PostgresSink:
         await savepoint.commit()
         return True
 
+    async def _undo(self, savepoint: Any, error: BaseException) -> Outcome:
+        """After a statement failed inside `savepoint`: the outcome it means, with the savepoint
+        rolled back so the run's transaction goes on. Raises _RunLost when the target is down or
+        the transaction itself is gone."""
+        outcome = self._classify(error)
+        if outcome.target_down:
+            raise _RunLost(outcome) from error
+        try:
+            await savepoint.rollback()
+        except _RUN_ERRORS as rollback_error:
+            raise _RunLost(self._run_failure(rollback_error)) from error
+        return outcome
+
     async def _write(self, conn: asyncpg.Connection, item: Outgoing, record: str) -> Outcome:
         """One item in its own savepoint. Raises _RunLost if the transaction is lost."""
         sql = self.upsert_sql if item.op == "upsert" else self.delete_sql
@@ -555,13 +562,7 @@ class PostgresSink:
         try:
             await conn.execute(sql, record)
         except _RUN_ERRORS as e:
-            outcome = self._classify(e)
-            if outcome.target_down:
-                raise _RunLost(outcome) from e
-            try:
-                await savepoint.rollback()
-            except _RUN_ERRORS as rollback_error:
-                raise _RunLost(self._run_failure(rollback_error)) from e
+            outcome = await self._undo(savepoint, e)
             event(
                 log,
                 logging.INFO,
