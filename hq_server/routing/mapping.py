@@ -86,6 +86,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 from protocol.config import ConfigError
+from protocol.templates import parse_template
 
 __all__ = [
     "Mapped",
@@ -583,7 +584,6 @@ def _clip(text: str, limit: int = 300) -> str:
 # ------------------------------------------------------------------------------------------------
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
-_PLACEHOLDER = re.compile(rf"{_NAME}(?:\.(?:{_NAME}|[0-9]+))*")
 _VARIABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _HOOK = re.compile(rf"({_NAME}(?:\.{_NAME})*):({_NAME}(?:\.{_NAME})*)")
 
@@ -600,41 +600,6 @@ _MAPPING_KEYS = (
 _RULES = ("from", "const", "template", "sum", "count", "fields")
 _MODIFIERS = ("each", "default", "required", "lookup", "lookup_default")
 _EACH_KINDS = ("items", "values", "match")
-
-
-def _parse_template(text: str) -> tuple[str | tuple[str, ...], ...]:
-    """Split template text into literals and placeholder paths; ValueError names the problem."""
-    parts: list[str | tuple[str, ...]] = []
-    literal: list[str] = []
-    i = 0
-    while i < len(text):
-        char = text[i]
-        if char in "{}" and text.startswith(char * 2, i):
-            literal.append(char)
-            i += 2
-        elif char == "{":
-            end = text.find("}", i + 1)
-            if end < 0:
-                raise ValueError(f"'{{' at position {i} is never closed (write '{{{{' for a brace)")
-            inner = text[i + 1 : end]
-            if not _PLACEHOLDER.fullmatch(inner):
-                raise ValueError(
-                    f"bad placeholder {{{inner}}} at position {i}: write {{name}} or {{name.sub}} "
-                    "(letters, digits and _)"
-                )
-            if literal:
-                parts.append("".join(literal))
-                literal = []
-            parts.append(tuple(inner.split(".")))
-            i = end + 1
-        elif char == "}":
-            raise ValueError(f"'}}' at position {i} closes nothing (write '}}}}' for a brace)")
-        else:
-            literal.append(char)
-            i += 1
-    if literal:
-        parts.append("".join(literal))
-    return tuple(parts)
 
 
 def _json_problem(value: Any, null_ok: bool = False) -> str | None:
@@ -688,7 +653,7 @@ class _Compiler:
         if not isinstance(value, str):
             self.fail(key, f"must be text, got {_short(value)}")
         try:
-            return _Template(value, _parse_template(value))
+            return _Template(value, parse_template(value))
         except ValueError as e:
             self.fail(key, f"bad template {value!r}: {e}")
 
