@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from protocol.config import ConfigError, at_least, between, build, setting
+from protocol.templates import TemplatePart, parse_template
 
 FIELD_TYPES = (
     "string",
@@ -93,6 +94,11 @@ FIELD_TYPES = (
 POLICIES = ("lww", "source_of_truth", "review")
 MODES = ("mutable", "append_only")
 CHECKS = ("not_in_future", "count_equals_length", "in_reference", "compare", "required_if")
+FORWARD_MODES = ("full", "summary", "exceptions")
+WINDOWS = ("hour", "day", "week", "month")
+AGGREGATE_OPS = ("count", "sum", "min", "max")
+#: Fields every summary record holds besides its group values and aggregates.
+SUMMARY_FIELDS = ("node", "window_start", "window_end")
 OPERATORS = ("<", "<=", ">", ">=", "==", "!=")
 #: Same shape as the agent's field names: letters, digits and _, starting with a letter.
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
@@ -107,6 +113,9 @@ FieldType = Literal[
 Policy = Literal["lww", "source_of_truth", "review"]
 Mode = Literal["mutable", "append_only"]
 Check = Literal["not_in_future", "count_equals_length", "in_reference", "compare", "required_if"]
+Forward = Literal["full", "summary", "exceptions"]
+Window = Literal["hour", "day", "week", "month"]
+AggregateOp = Literal["count", "sum", "min", "max"]
 Scalar = str | int | float | bool | dt.date | dt.datetime
 
 
@@ -134,6 +143,11 @@ class CollectionSection:
     allow_unknown_fields: bool = setting(False, "Accept fields that are not declared.")
     fields: dict[str, Any] = setting({}, "The fields, by name: [collections.NAME.fields].")
     rules: dict[str, Any] = setting({}, "Business rules, by name: [collections.NAME.rules].")
+    transform: dict[str, Any] = setting({}, "Edge transform: [collections.NAME.transform].")
+    forward: Forward = setting("full", "What goes to HQ: full, summary or exceptions.")
+    summary: dict[str, Any] = setting({}, "forward = summary: [collections.NAME.summary].")
+    flags: dict[str, Any] = setting({}, "forward = exceptions: flag rules, by name.")
+    flags_field: str = setting("flags", "forward = exceptions: field naming the flags that fired.")
 
 
 @dataclass(frozen=True)
@@ -175,9 +189,41 @@ class RuleSection:
 @dataclass(frozen=True)
 class ReferenceSection:
     codes: list[str | int] | None = setting(None, "The codes, inline (or give `file`).")
+    values: dict[str, Any] | None = setting(None, "Code -> value, inline: a lookup table.")
     file: str = setting("", "CSV or JSON file of codes, relative to the collections file.")
     column: str = setting("", "The column (CSV) or key (JSON objects) holding the codes.")
+    value_column: str = setting("", "file: the column (or key) holding each code's value.")
     description: str = setting("", "What the table holds (for people).")
+
+
+@dataclass(frozen=True)
+class TransformSection:
+    rename: dict[str, Any] = setting({}, "Field -> the name it has on the wire.")
+    drop: list[str] = setting([], "Fields kept in the local record, never sent (device-only).")
+    derive: dict[str, Any] = setting({}, "New field -> template over the record's fields.")
+    lookup: dict[str, Any] = setting({}, "New field -> { field, table, default }.")
+
+
+@dataclass(frozen=True)
+class LookupSection:
+    field: str = dataclasses.field(metadata={"doc": "The field whose value is looked up."})
+    table: str = dataclasses.field(metadata={"doc": "A reference table with values."})
+    default: str | int | float | bool | None = setting(None, "Used for a value not in the table.")
+
+
+@dataclass(frozen=True)
+class SummarySection:
+    collection: str = dataclasses.field(metadata={"doc": "The derived collection forwarded."})
+    time_field: str = dataclasses.field(metadata={"doc": "A required date or datetime field."})
+    window: Window = setting("day", "hour, day, week (from Monday) or month, in UTC.")
+    group_by: list[str] = setting([], "Field paths grouped by (items[].unit: per list item).")
+    aggregates: dict[str, Any] = setting({}, "Output field -> { op, field }.")
+
+
+@dataclass(frozen=True)
+class AggregateSection:
+    op: AggregateOp = dataclasses.field(metadata={"doc": "count, sum, min or max."})
+    field: str = setting("", "sum, min, max: the field path aggregated.")
 
 
 _COMMON_FIELD_KEYS = frozenset({"type", "required", "description", "policy", "owner"})
@@ -263,17 +309,105 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class ReferenceTable:
-    """A named set of valid codes (admin codes, sites...). HQ may send a newer one by name."""
+    """A named set of valid codes (admin codes, sites...). HQ may send a newer one by name.
+
+    With `values` it is also a lookup table (code -> value, codes as text), which transforms
+    use to map a field's code to, e.g., a name or an HQ system's own code."""
 
     name: str
     codes: frozenset[str | int]
     source: str = "inline"
+    values: Mapping[str, Any] | None = None
 
     def __contains__(self, code: object) -> bool:
         return code in self.codes
 
     def __len__(self) -> int:
         return len(self.codes)
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """A transform output: the value `table` maps the field at `path` to."""
+
+    name: str
+    field: str
+    path: tuple[PathStep, ...]
+    table: str
+    default: Any = None
+    has_default: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Derived:
+    """A transform output: text rendered from a template over the record's fields."""
+
+    name: str
+    template: str
+    parts: tuple[TemplatePart, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Transform:
+    """What a collection's records look like once shaped at the edge (protocol.transforms applies
+    it): `lookups` and `derive` add fields, `rename` gives fields their wire names, `drop` keeps
+    fields on the device. Every name here is a declared top-level field, or an added one."""
+
+    rename: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    drop: frozenset[str] = frozenset()
+    derive: tuple[Derived, ...] = ()
+    lookups: tuple[Lookup, ...] = ()
+
+    @property
+    def added(self) -> tuple[str, ...]:
+        """Fields the transform adds to a record (they are not in the collection's schema)."""
+        return tuple(x.name for x in self.lookups) + tuple(d.name for d in self.derive)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupBy:
+    """One grouping value of a summary: its output name and where it is read."""
+
+    name: str
+    field: str
+    path: tuple[PathStep, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """One aggregate of a summary: count (rows), or sum/min/max of the field at `path`."""
+
+    name: str
+    op: str
+    field: str = ""
+    path: tuple[PathStep, ...] = ()
+    type: str = ""  # the aggregated field's type: integer, decimal, date or datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """forward = "summary": records are aggregated per group and time window into records of the
+    derived `collection`, which are forwarded instead of them (protocol.summary computes them).
+
+    `each` is the top-level list whose items are the summary's rows when group_by or an
+    aggregate reads a list path (`items[].unit`); without one, every record is one row."""
+
+    collection: str
+    time_field: str
+    time_type: str  # date or datetime
+    window: str
+    group_by: tuple[GroupBy, ...]
+    aggregates: tuple[Aggregate, ...]
+    each: str | None = None
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        """Every field of a summary record, in order."""
+        return (
+            *(g.name for g in self.group_by),
+            *SUMMARY_FIELDS,
+            *(a.name for a in self.aggregates),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,19 +419,34 @@ class Collection:
     rules: tuple[Rule, ...] = ()
     allow_unknown_fields: bool = False
     description: str = ""
+    transform: Transform | None = None
+    forward: str = "full"
+    summary: Summary | None = None
+    flags: tuple[Rule, ...] = ()
+    flags_field: str = "flags"
 
     @property
     def append_only(self) -> bool:
         return self.mode == "append_only"
 
-    def policy(self, name: str) -> str:
-        """The conflict policy of a top-level field ("lww" for undeclared fields)."""
+    def _spec(self, name: str) -> Field | None:
+        """The declaration of a top-level field, by its own name or its wire name."""
         spec = self.fields.get(name)
+        if spec is None and self.transform is not None and self.transform.rename:
+            for local, wire in self.transform.rename.items():
+                if wire == name:
+                    return self.fields.get(local)
+        return spec
+
+    def policy(self, name: str) -> str:
+        """The conflict policy of a top-level field ("lww" for undeclared fields). A renamed
+        field keeps its policy under its wire name."""
+        spec = self._spec(name)
         return spec.policy if spec is not None else "lww"
 
     def owner(self, name: str) -> str | None:
         """Who owns (source_of_truth) or reviews (review) a field, if anyone."""
-        spec = self.fields.get(name)
+        spec = self._spec(name)
         return spec.owner if spec is not None else None
 
     def reference_tables(self) -> frozenset[str]:
@@ -373,6 +522,17 @@ def collections_from_dict(
         name: _collection(name, raw, source, references, f"collections.{name}")
         for name, raw in raw_collections.items()
     }
+    derived: dict[str, str] = {}
+    for name, collection in collections.items():
+        if collection.summary is None:
+            continue
+        target = collection.summary.collection
+        at = f"collections.{name}.summary.collection"
+        if target in collections:
+            raise ConfigError(source, at, f"{target!r} is a declared collection: name a new one")
+        if target in derived:
+            raise ConfigError(source, at, f"{target!r} already summarises {derived[target]}")
+        derived[target] = name
     return CollectionsConfig(source, collections, references)
 
 
@@ -425,6 +585,55 @@ def _collection(
         _rule(rname, spec, source, fields, references, f"{key}.rules.{rname}")
         for rname, spec in section.rules.items()
     )
+    transform = None
+    if section.transform:
+        if section.forward == "summary":
+            raise ConfigError(
+                source,
+                key + ".transform",
+                "summary mode keeps the records on the device: there is nothing to transform",
+            )
+        transform = _transform(section.transform, source, section.key, fields, references, key)
+    summary = None
+    if section.forward == "summary":
+        if section.mode != "append_only":
+            raise ConfigError(
+                source,
+                key + ".forward",
+                "summary mode needs an append_only collection (its records never change, so "
+                "every record adds to the totals exactly once)",
+            )
+        if not section.summary:
+            raise ConfigError(source, key + ".summary", "is required for forward = summary")
+        summary = _summary(section.summary, source, fields, key + ".summary")
+    elif section.summary:
+        raise ConfigError(source, key + ".summary", 'applies to forward = "summary" only')
+    flags: tuple[Rule, ...] = ()
+    raw_table = _table(raw, source, key)
+    if section.forward == "exceptions":
+        if not section.flags:
+            raise ConfigError(
+                source, key + ".flags", "is required for forward = exceptions: the flag rules"
+            )
+        flags = tuple(
+            _rule(fname, spec, source, fields, references, f"{key}.flags.{fname}")
+            for fname, spec in section.flags.items()
+        )
+        _check_name(section.flags_field, source, key + ".flags_field", "field")
+        taken = set(fields) | set(transform.added if transform else ())
+        taken |= set(transform.rename.values()) if transform else set()
+        if section.flags_field in taken:
+            raise ConfigError(
+                source,
+                key + ".flags_field",
+                f"{section.flags_field!r} is already a field of the record: choose another name",
+            )
+    else:
+        for setting_name in ("flags", "flags_field"):
+            if setting_name in raw_table:
+                raise ConfigError(
+                    source, f"{key}.{setting_name}", 'applies to forward = "exceptions" only'
+                )
     return Collection(
         name=name,
         key=section.key,
@@ -433,6 +642,203 @@ def _collection(
         rules=rules,
         allow_unknown_fields=section.allow_unknown_fields,
         description=section.description,
+        transform=transform,
+        forward=section.forward,
+        summary=summary,
+        flags=flags,
+        flags_field=section.flags_field,
+    )
+
+
+def _transform(
+    raw: dict[str, Any],
+    source: str,
+    key_field: str,
+    fields: Mapping[str, Field],
+    references: Mapping[str, ReferenceTable],
+    collection_key: str,
+) -> Transform:
+    key = collection_key + ".transform"
+    t = build(TransformSection, raw, source, key + ".")
+    added: set[str] = set()
+
+    def new_name(name: str, at: str) -> None:
+        _check_name(name, source, at, "field")
+        if name in fields:
+            raise ConfigError(source, at, f"{name!r} is a declared field: choose a new name")
+        if name in added:
+            raise ConfigError(source, at, f"{name!r} is added twice")
+        added.add(name)
+
+    def own_field(name: Any, at: str, what: str) -> str:
+        if not isinstance(name, str) or name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(source, at, f"{what} must be a declared field (known: {known})")
+        if name == key_field:
+            raise ConfigError(source, at, f"the key field {key_field!r} cannot be {what}d")
+        return name
+
+    lookups: list[Lookup] = []
+    for name, spec in t.lookup.items():
+        at = f"{key}.lookup.{name}"
+        new_name(name, at)
+        lk = build(LookupSection, _table(spec, source, at), source, at + ".")
+        path, target = _resolve(lk.field, fields, source, at + ".field")
+        _single(path, source, at + ".field")
+        if target.type not in _CODE_TYPES:
+            raise ConfigError(
+                source, at + ".field", f"looks up codes: {lk.field} is a {target.type}"
+            )
+        table = references.get(lk.table)
+        if table is None or table.values is None:
+            known = ", ".join(sorted(n for n, r in references.items() if r.values)) or "none"
+            what = "no reference table" if table is None else "no values in reference table"
+            raise ConfigError(
+                source, at + ".table", f"{what} {lk.table!r} (tables with values: {known})"
+            )
+        has_default = "default" in spec
+        lookups.append(Lookup(name, lk.field, path, lk.table, lk.default, has_default))
+    lookup_names = {x.name for x in lookups}
+
+    derive: list[Derived] = []
+    for name, text in t.derive.items():
+        at = f"{key}.derive.{name}"
+        new_name(name, at)
+        if not isinstance(text, str):
+            raise ConfigError(source, at, f"must be a template string, got {text!r}")
+        try:
+            parts = parse_template(text)
+        except ValueError as e:
+            raise ConfigError(source, at, f"bad template {text!r}: {e}") from e
+        placeholders = [p for p in parts if isinstance(p, tuple)]
+        if not placeholders:
+            raise ConfigError(source, at, "has no {placeholder}: it would be a constant")
+        for part in placeholders:
+            dotted = ".".join(part)
+            if dotted in lookup_names:
+                continue
+            _, target = _resolve(dotted, fields, source, at)
+            if target.type in ("list", "object"):
+                raise ConfigError(
+                    source, at, f"{{{dotted}}} is a {target.type}: a template takes one value"
+                )
+        derive.append(Derived(name, text, parts))
+
+    rename: dict[str, str] = {}
+    for name, wire in t.rename.items():
+        at = f"{key}.rename.{name}"
+        own_field(name, at, "rename")
+        if not isinstance(wire, str):
+            raise ConfigError(source, at, f"must be the field's wire name, got {wire!r}")
+        new_name(wire, at)
+        rename[name] = wire
+
+    drop: set[str] = set()
+    for i, name in enumerate(t.drop):
+        at = f"{key}.drop"
+        own_field(name, at, "drop")
+        if name in rename:
+            raise ConfigError(source, at, f"{name!r} is dropped: it cannot be renamed too")
+        if name in drop:
+            raise ConfigError(source, at, f"item {i}: {name!r} is listed twice")
+        drop.add(name)
+    return Transform(rename, frozenset(drop), tuple(derive), tuple(lookups))
+
+
+_GROUP_TYPES = frozenset({"string", "integer", "enum", "boolean", "date"})
+_AGGREGATE_TYPES = {
+    "sum": frozenset({"integer", "decimal"}),
+    "min": frozenset({"integer", "decimal", "date", "datetime"}),
+    "max": frozenset({"integer", "decimal", "date", "datetime"}),
+}
+
+
+def _summary(raw: dict[str, Any], source: str, fields: Mapping[str, Field], key: str) -> Summary:
+    s = build(SummarySection, raw, source, key + ".")
+    _check_name(s.collection, source, key + ".collection", "collection")
+    path, spec = _resolve(s.time_field, fields, source, key + ".time_field")
+    if len(path) != 1 or path[0][1]:
+        raise ConfigError(source, key + ".time_field", "must name a field of the record itself")
+    if spec.type not in ("date", "datetime"):
+        raise ConfigError(
+            source,
+            key + ".time_field",
+            f"must be a date or datetime, {s.time_field} is a {spec.type}",
+        )
+    if not spec.required:
+        raise ConfigError(
+            source,
+            key + ".time_field",
+            f"{s.time_field} must be required: every record must fall in a window",
+        )
+    if s.window == "hour" and spec.type == "date":
+        raise ConfigError(source, key + ".window", f"{s.time_field} is a date: hours do not apply")
+    each: list[str] = []  # the list whose items are rows (at most one)
+    names: set[str] = set(SUMMARY_FIELDS)
+
+    def rows_of(steps: tuple[PathStep, ...], at: str) -> None:
+        lists = [i for i, (_, is_each) in enumerate(steps) if is_each]
+        if not lists:
+            return
+        if lists != [0]:
+            raise ConfigError(
+                source, at, "only a list field of the record itself may be walked (items[].x)"
+            )
+        if each and each[0] != steps[0][0]:
+            raise ConfigError(
+                source, at, f"a summary walks one list: {each[0]}[] is walked already"
+            )
+        each[:] = [steps[0][0]]
+
+    group_by: list[GroupBy] = []
+    for i, text in enumerate(s.group_by):
+        at = f"{key}.group_by"
+        steps, target = _resolve(text, fields, source, at)
+        if target.type not in _GROUP_TYPES:
+            raise ConfigError(
+                source, at, f"item {i}: cannot group by {text}, a {target.type} field"
+            )
+        rows_of(steps, at)
+        name = steps[-1][0]
+        if name in names:
+            raise ConfigError(
+                source, at, f"item {i}: {name!r} names another field of the summary records"
+            )
+        names.add(name)
+        group_by.append(GroupBy(name, text, steps))
+    if not s.aggregates:
+        raise ConfigError(source, key + ".aggregates", "is required: what to count or add up")
+    aggregates: list[Aggregate] = []
+    for name, spec_raw in s.aggregates.items():
+        at = f"{key}.aggregates.{name}"
+        _check_name(name, source, at, "field")
+        if name in names:
+            raise ConfigError(source, at, f"{name!r} names another field of the summary records")
+        names.add(name)
+        a = build(AggregateSection, _table(spec_raw, source, at), source, at + ".")
+        if a.op == "count":
+            if a.field:
+                raise ConfigError(source, at + ".field", "count counts rows: it reads no field")
+            aggregates.append(Aggregate(name, "count"))
+            continue
+        if not a.field:
+            raise ConfigError(source, at + ".field", f"is required: the field to {a.op}")
+        steps, target = _resolve(a.field, fields, source, at + ".field")
+        if target.type not in _AGGREGATE_TYPES[a.op]:
+            kinds = ", ".join(sorted(_AGGREGATE_TYPES[a.op]))
+            raise ConfigError(
+                source, at + ".field", f"{a.op} takes {kinds} fields; {a.field} is a {target.type}"
+            )
+        rows_of(steps, at + ".field")
+        aggregates.append(Aggregate(name, a.op, a.field, steps, target.type))
+    return Summary(
+        s.collection,
+        s.time_field,
+        spec.type,
+        s.window,
+        tuple(group_by),
+        tuple(aggregates),
+        each[0] if each else None,
     )
 
 
@@ -797,13 +1203,32 @@ def _reference(name: str, raw: Any, source: str, base: Path, key: str) -> Refere
     s = build(ReferenceSection, _table(raw, source, key), source, key + ".")
     if (s.codes is None) == (not s.file):
         raise ConfigError(source, key, "give exactly one of codes (inline) or file")
+    if s.values is not None:
+        if s.codes is not None or s.file:
+            raise ConfigError(source, key, "give one of codes, values (inline) or file")
+        return _lookup_table(name, s.values, source, key)
     if s.codes is not None:
         if s.column:
             raise ConfigError(source, key + ".column", "applies to a file only")
+        if s.value_column:
+            raise ConfigError(source, key + ".value_column", "applies to a file only")
         codes: frozenset[str | int] = frozenset(s.codes)
         origin = "inline"
     else:
         path = base / s.file
+        if s.value_column:
+            try:
+                pairs = read_lookup_file(path, s.column or None, s.value_column)
+            except OSError as e:
+                raise ConfigError(
+                    source, key + ".file", f"cannot read {path}: {e.strerror or e}"
+                ) from e
+            except ColumnError as e:
+                raise ConfigError(source, key + ".value_column", f"{path}: {e}") from e
+            except ValueError as e:
+                raise ConfigError(source, key + ".file", f"{path}: {e}") from e
+            table = _lookup_table(name, pairs, source, key)
+            return dataclasses.replace(table, source=str(path))
         try:
             codes = read_reference_file(path, s.column or None)
         except OSError as e:
@@ -820,8 +1245,74 @@ def _reference(name: str, raw: Any, source: str, base: Path, key: str) -> Refere
     return ReferenceTable(name, codes, origin)
 
 
+def _lookup_table(name: str, values: dict[str, Any], source: str, key: str) -> ReferenceTable:
+    if not values:
+        raise ConfigError(source, key, "holds no codes")
+    for code, value in values.items():
+        if isinstance(value, dict | list | dt.date):
+            raise ConfigError(
+                source,
+                f"{key}.values.{code}",
+                f"must be text, a number or true/false, got {value!r}",
+            )
+    return ReferenceTable(name, frozenset(values), "inline", dict(values))
+
+
 class ColumnError(ValueError):
     """A reference file has no such column, or needs `column` set."""
+
+
+def read_lookup_file(path: Path | str, column: str | None, value_column: str) -> dict[str, Any]:
+    """Code -> value pairs from a CSV file (with a header row) or a JSON list of objects: the code
+    in `column` (default: the first CSV column), its value in `value_column`. Rows without a code
+    are skipped; a code given twice with different values is a ValueError."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    rows: list[tuple[int, Any, Any]] = []
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            try:
+                header = [h.strip() for h in next(reader)]
+            except StopIteration:
+                raise ValueError("empty file: a header row is expected") from None
+            for wanted in (column, value_column):
+                if wanted is not None and wanted not in header:
+                    raise ColumnError(f"no column {wanted!r} (columns: {', '.join(header)})")
+            code_at = header.index(column) if column is not None else 0
+            value_at = header.index(value_column)
+            try:
+                for number, row in enumerate(reader, start=2):
+                    code = row[code_at].strip() if code_at < len(row) else ""
+                    value = row[value_at].strip() if value_at < len(row) else ""
+                    rows.append((number, code, value))
+            except csv.Error as e:
+                raise ValueError(f"{e}") from e
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON: {e}") from e
+        if column is None:
+            raise ColumnError("set column to the key holding the code")
+        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+            raise ValueError("a JSON lookup file holds a list of objects")
+        rows = [(i, item.get(column), item.get(value_column)) for i, item in enumerate(data)]
+    else:
+        raise ValueError("reference files are .csv or .json")
+    out: dict[str, Any] = {}
+    for where, code, value in rows:
+        if code is None or code == "":
+            continue
+        if isinstance(code, bool) or not isinstance(code, str | int):
+            raise ValueError(f"row {where}: the code is not text or an integer: {code!r}")
+        if isinstance(value, dict | list):
+            raise ValueError(f"row {where}: the value must be text, a number or true/false")
+        text = str(code)
+        if text in out and out[text] != value:
+            raise ValueError(f"row {where}: code {text!r} has two values")
+        out[text] = value
+    return out
 
 
 def read_reference_file(path: Path | str, column: str | None = None) -> frozenset[str | int]:

@@ -13,7 +13,7 @@ every problem found as a `Violation(field, rule, message, stage)`:
   the rule has in the collections config (e.g. `born_before_registration`);
 * `message` names the field and what is wrong with its value (a value shown in it is cut to 40
   characters; never the whole record);
-* `stage` is "schema" or "rules".
+* `stage` is "schema" or "rules" ("transform" for what protocol.transforms finds).
 
 Rules see only values that passed the schema: a rule reading a missing or invalid field is
 skipped (the schema stage already reported it). With `partial=True` (a write of some fields of a
@@ -30,7 +30,7 @@ import datetime as dt
 import math
 import operator
 import re
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
@@ -39,6 +39,9 @@ from protocol.collections import Collection, Field, PathStep, Rule
 
 SCHEMA: Literal["schema"] = "schema"
 RULES: Literal["rules"] = "rules"
+#: Stage of the problems protocol.transforms finds (an unknown code in a lookup).
+TRANSFORM: Literal["transform"] = "transform"
+Stage = Literal["schema", "rules", "transform"]
 #: More problems than this in one record are cut, with a last Violation saying so.
 MAX_VIOLATIONS = 100
 SHOWN_CHARS = 40
@@ -52,7 +55,7 @@ class Violation:
     field: str
     rule: str
     message: str
-    stage: Literal["schema", "rules"]
+    stage: Stage
 
     def __str__(self) -> str:
         return f"{self.message} [{self.rule}]"
@@ -97,6 +100,26 @@ def validate(
         more = len(out) - MAX_VIOLATIONS
         out = out[:MAX_VIOLATIONS]
         out.append(Violation("", "too_many_violations", f"and {more} more problems", out[-1].stage))
+    return out
+
+
+def check_rules(
+    rules: Sequence[Rule],
+    record: dict[Any, Any],
+    *,
+    references: Mapping[str, Container[Any]],
+    today: dt.date,
+    now: dt.datetime,
+) -> list[Violation]:
+    """The violations of `rules` by a record that already passed its schema: how the flag rules
+    of an `exceptions` collection are judged (each violation is a flag that fired)."""
+    out: list[Violation] = []
+    if isinstance(today, dt.datetime):
+        today = today.date()
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=dt.UTC)
+    for rule in rules:
+        _RULE_CHECKS[rule.check](rule, record, _NOTHING, references, today, now, out)
     return out
 
 
