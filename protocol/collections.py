@@ -1201,11 +1201,9 @@ def _typed_literal(value: Any, spec: Field, source: str, key: str) -> Any:
 def _reference(name: str, raw: Any, source: str, base: Path, key: str) -> ReferenceTable:
     _check_name(name, source, key, "reference table")
     s = build(ReferenceSection, _table(raw, source, key), source, key + ".")
-    if (s.codes is None) == (not s.file):
-        raise ConfigError(source, key, "give exactly one of codes (inline) or file")
+    if (s.codes is not None) + (s.values is not None) + bool(s.file) != 1:
+        raise ConfigError(source, key, "give exactly one of codes or values (inline) or file")
     if s.values is not None:
-        if s.codes is not None or s.file:
-            raise ConfigError(source, key, "give one of codes, values (inline) or file")
         return _lookup_table(name, s.values, source, key)
     if s.codes is not None:
         if s.column:

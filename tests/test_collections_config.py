@@ -432,7 +432,7 @@ BAD_CONFIGS = [
         REGIONS,
         REGIONS + '\nfile = "regions.csv"',
         "references.regions",
-        "give exactly one of codes (inline) or file",
+        "give exactly one of codes or values (inline) or file",
         "[references.regions]",
     ),
     (
