@@ -40,9 +40,11 @@ from hq_server.store import (
     SQLiteHQStore,
     StoreError,
 )
+from protocol.collections import load_collections
 from protocol.errors import Oversize, ProtocolError
 from protocol.hlc import HybridClock, system_ms
 from protocol.identity import PUBLIC_KEY_BYTES, NodeIdentity
+from protocol.merge import field_policies
 from protocol.transport import (
     BATCHES_PATH,
     CHANGES_PATH,
@@ -249,7 +251,7 @@ async def _get_changes(request: web.Request) -> web.Response:
     cursor = _int_param(request, "cursor", 0, minimum=0)
     limit = _int_param(request, "limit", state.config.feed_page_size, minimum=1)
     await state.store.touch_node(node.node_id, clock_offset_ms=offset)
-    sealed, page = await state.feed.page(node.node_id, cursor, limit)
+    sealed, page = await state.feed.page(node.node_id, cursor, limit, groups=node.groups)
     _note(
         cursor=cursor,
         next_cursor=page.cursor,
@@ -295,6 +297,7 @@ async def _enroll(request: web.Request) -> web.Response:
             "hq_node_id": state.identity.node_id,
             "hq_public_key": b64(state.identity.public_key),
             "hq_time": state.clock.physical(),
+            "groups": list(node.groups),
         }
     )
 
@@ -315,7 +318,16 @@ def create_app(config: HQConfig, *, wall: Callable[[], int] = system_ms) -> web.
         section = config.hq
         routes = load_routes(section.routes_file) if section.routes_file else None
         identity = await asyncio.to_thread(load_or_create_identity, section.key_path)
-        store = SQLiteHQStore(section.db_path, wall=wall)
+        policies = field_policies(
+            load_collections(section.collections_file) if section.collections_file else None
+        )
+        store = SQLiteHQStore(
+            section.db_path,
+            wall=wall,
+            policies=policies,
+            origin=identity.node_id,
+            max_ahead_ms=section.max_clock_ahead_s * 1000,
+        )
         await store.open()
         clock = HybridClock(wall, max_drift_ms=section.max_clock_ahead_s * 1000)
         try:

@@ -63,7 +63,8 @@ class HQSection:
     max_clock_ahead_s: int = setting(
         300,
         "Seconds a node's timestamps may run ahead of HQ's clock before the node is flagged "
-        "(its data is still accepted).",
+        "(its data is still accepted) and its stamps are bounded: a stamp further ahead never "
+        "wins a field over an edit made later in real time.",
         positive,
     )
     feed_page_size: int = setting(
@@ -77,6 +78,12 @@ class HQSection:
         None,
         "TOML file of routes and mappings that deliver HQ's changes onward to business systems "
         "(see config/routes.example.toml). Not set: nothing is routed.",
+    )
+    collections_file: Path | None = setting(
+        None,
+        "The collections file the agents use (see config/collections.example.toml): its conflict "
+        "policies (review queue, source_of_truth owners) apply at HQ. Not set: every field is "
+        "last-writer-wins.",
     )
 
     @property
@@ -126,6 +133,7 @@ def finish(config: HQConfig, source: Path | str) -> HQConfig:
             tls_cert=_resolve(section.tls_cert, base),
             tls_key=_resolve(section.tls_key, base),
             routes_file=_resolve(section.routes_file, base),
+            collections_file=_resolve(section.collections_file, base),
         )
     )
 

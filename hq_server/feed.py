@@ -7,7 +7,7 @@ when it travels through relays or on a USB stick.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from hq_server.store import FeedPage, HQStore, Node
 from protocol.change import encode_changes
@@ -56,21 +56,26 @@ class FeedService:
         self.page_size = page_size
         self.max_bytes = max_bytes
 
-    async def page(self, node_id: str, cursor: int, limit: int) -> tuple[bytes, FeedPage]:
-        """The sealed page after `cursor` (at most min(limit, page_size) changes) and its content."""
+    async def page(
+        self, node_id: str, cursor: int, limit: int, *, groups: Sequence[str] = ()
+    ) -> tuple[bytes, FeedPage]:
+        """The sealed page after `cursor` (at most min(limit, page_size) changes) and its content.
+
+        The header also tells the node its groups (signed by HQ, like the page): what it may write
+        among source_of_truth fields and which review conflicts it may resolve offline."""
         page = await self.store.feed(
             node_id, cursor, min(limit, self.page_size), max_bytes=self.max_bytes
         )
         time = self.clock.now()
-        sealed = await asyncio.to_thread(self._seal, page, time)
+        sealed = await asyncio.to_thread(self._seal, page, time, list(groups))
         return sealed, page
 
-    def _seal(self, page: FeedPage, time: int) -> bytes:
+    def _seal(self, page: FeedPage, time: int, groups: list[str]) -> bytes:
         return seal(
             self.identity,
             Kind.FEED,
             encode_changes(page.changes),
             count=len(page.changes),
             time=time,
-            extra={"cursor": page.cursor, "more": page.more},
+            extra={"cursor": page.cursor, "more": page.more, "groups": groups},
         )

@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import json
 import os
+import re
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,12 +46,14 @@ import aiosqlite
 import msgpack
 import orjson
 
+from hq_server.conflicts import HQ_WRITER, Judge, QueueEvent, Writer, skew_candidates
 from protocol.change import Change, Op
+from protocol.hlc import pack as pack_hlc
 from protocol.hlc import system_ms
 from protocol.identity import node_id_for
-from protocol.merge import RecordState, apply_change
+from protocol.merge import NO_POLICIES, FieldPolicies, RecordState, Stamp
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA = """
@@ -66,7 +70,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     acked_through INTEGER NOT NULL DEFAULT 0,
     last_contact INTEGER,
     clock_offset_ms INTEGER,
-    flagged_reason TEXT
+    flagged_reason TEXT,
+    groups TEXT NOT NULL DEFAULT '[]'  -- JSON list of "group:NAME" (source_of_truth, review)
 );
 CREATE TABLE IF NOT EXISTS tokens (
     token_hash TEXT PRIMARY KEY,
@@ -74,7 +79,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL,
     used_at INTEGER,
-    used_by_node TEXT
+    used_by_node TEXT,
+    groups TEXT NOT NULL DEFAULT '[]'  -- given to the node that enrols with the token
 );
 CREATE TABLE IF NOT EXISTS records (
     collection TEXT NOT NULL,
@@ -84,6 +90,7 @@ CREATE TABLE IF NOT EXISTS records (
     tombstone TEXT,
     version INTEGER NOT NULL,
     updated_seq INTEGER NOT NULL,
+    heads TEXT,  -- JSON {field: [[hlc, origin, parent, value], ...]} for review fields
     PRIMARY KEY (collection, key)
 );
 CREATE TABLE IF NOT EXISTS changelog (
@@ -99,6 +106,39 @@ CREATE TABLE IF NOT EXISTS changelog (
     received_at INTEGER NOT NULL,
     UNIQUE (origin, origin_seq)
 );
+-- Every change to one record, oldest first: the common ancestor of a conflict's sides.
+CREATE INDEX IF NOT EXISTS changelog_record ON changelog (collection, key);
+CREATE TABLE IF NOT EXISTS conflicts (
+    -- The conflict queue (status open: review conflicts waiting for a person) and the conflict
+    -- log (status resolved, or auto for lww losers, refused source_of_truth writes and
+    -- clock-bounded stamps). At most one open entry per record field.
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    field TEXT NOT NULL,
+    policy TEXT NOT NULL,     -- review | lww | source_of_truth | clock
+    status TEXT NOT NULL,     -- open | resolved | auto
+    sides TEXT NOT NULL,      -- JSON [{value, hlc, origin, parent?}], highest stamp first
+    ancestor TEXT,            -- JSON {value, hlc, origin} the sides started from, or null
+    reviewer TEXT,            -- group:NAME that may resolve it offline; null: HQ only
+    note TEXT NOT NULL DEFAULT '',
+    opened_at INTEGER NOT NULL,
+    opened_seq INTEGER NOT NULL,  -- change-log entry that opened (or settled) it
+    closed_at INTEGER,
+    closed_seq INTEGER,
+    resolution TEXT           -- JSON {value, origin, seq, by?, note?}
+);
+CREATE UNIQUE INDEX IF NOT EXISTS conflicts_open ON conflicts (collection, key, field)
+    WHERE status = 'open';
+CREATE INDEX IF NOT EXISTS conflicts_status ON conflicts (status, id);
+CREATE TABLE IF NOT EXISTS skewed_stamps (
+    -- Stamps that arrived far ahead of HQ's clock, with the real time HQ estimates for them
+    -- (hq_server.conflicts): what clock bounding compares instead of the stamp.
+    origin TEXT NOT NULL,
+    hlc INTEGER NOT NULL,
+    real_ms INTEGER NOT NULL,
+    PRIMARY KEY (origin, hlc)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batch_digests (
     -- What every applied batch held (ingest.batch_digest: change sequences, timestamps, ops,
     -- keys): a batch with a known number but other content comes from a node whose database
@@ -124,9 +164,17 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 
 _NODE_COLUMNS = (
     "node_id, name, public_key, enrolled_at, revoked_at, acked_through, last_contact, "
-    "clock_offset_ms, flagged_reason"
+    "clock_offset_ms, flagged_reason, groups"
 )
-_RECORD_COLUMNS = "collection, key, data, stamps, tombstone, version, updated_seq"
+_RECORD_COLUMNS = "collection, key, data, stamps, tombstone, version, updated_seq, heads"
+# Schema changes from an older version, applied in order when an older database is opened.
+_MIGRATIONS: dict[int, str] = {
+    2: """
+    ALTER TABLE nodes ADD COLUMN groups TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE tokens ADD COLUMN groups TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE records ADD COLUMN heads TEXT;
+    """,
+}
 _ALIVE = "stamps != '{}'"
 
 
@@ -144,10 +192,10 @@ _INSERT_LOG = (
     "received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPSERT_RECORD = (
-    f"INSERT INTO records({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+    f"INSERT INTO records({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(collection, key) DO UPDATE SET data = excluded.data, "
     "stamps = excluded.stamps, tombstone = excluded.tombstone, "
-    "version = excluded.version, updated_seq = excluded.updated_seq"
+    "version = excluded.version, updated_seq = excluded.updated_seq, heads = excluded.heads"
 )
 
 
@@ -160,6 +208,7 @@ def _record_rows(
         for (collection, key), updated_seq in items:
             state = states[(collection, key)]
             values, stamps, tomb = state.to_storage()
+            heads = state.heads_to_storage()
             out.append(
                 (
                     collection,
@@ -169,6 +218,7 @@ def _record_rows(
                     None if tomb is None else _dumps(tomb),
                     state.version,
                     updated_seq,
+                    None if heads is None else _dumps(heads),
                 )
             )
     except (TypeError, ValueError, OverflowError) as e:
@@ -221,6 +271,7 @@ class Node:
     last_contact: int | None
     clock_offset_ms: int | None
     flagged_reason: str | None
+    groups: tuple[str, ...] = ()  # "group:NAME": what it owns (source_of_truth) and reviews
 
     @property
     def active(self) -> bool:
@@ -272,6 +323,32 @@ class StoredRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ConflictEntry:
+    """One entry of the conflict queue (status "open") or log ("resolved", "auto")."""
+
+    id: int
+    collection: str
+    key: str
+    field: str
+    policy: str  # review | lww | source_of_truth | clock
+    status: str  # open | resolved | auto
+    sides: list[dict[str, Any]]  # {value, hlc, origin, parent?}, highest stamp first
+    ancestor: dict[str, Any] | None  # {value, hlc, origin}: what the sides started from
+    reviewer: str | None  # group:NAME that may resolve it offline; None: HQ only
+    note: str
+    opened_at: int
+    closed_at: int | None
+    resolution: dict[str, Any] | None  # {value, origin, seq, op, by?, note?}
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConflictNotFound(StoreError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
 class IssuedToken:
     token: str  # shown once; only its SHA-256 is stored
     node_name: str
@@ -286,6 +363,22 @@ class AuditEntry:
     action: str
     detail: dict[str, Any]
     hash: str
+
+
+GROUP = re.compile(r"group:[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_groups(groups: Sequence[str]) -> tuple[str, ...]:
+    """Node groups as stored: "group:NAME" (a bare NAME gets the prefix), sorted, no repeats."""
+    out = set()
+    for group in groups:
+        name = group if group.startswith("group:") else f"group:{group}"
+        if GROUP.fullmatch(name) is None:
+            raise StoreError(
+                f"node group {group!r}: use letters, digits, '_', '.' or '-' (at most 64)"
+            )
+        out.add(name)
+    return tuple(sorted(out))
 
 
 def token_hash(token: str) -> str:
@@ -322,7 +415,9 @@ class HQStore(Protocol):
         NodeNotFound if nothing matches; AmbiguousNode if a name matches several nodes.
         """
 
-    async def create_token(self, node_name: str, ttl_ms: int, *, actor: str) -> IssuedToken:
+    async def create_token(
+        self, node_name: str, ttl_ms: int, *, actor: str, groups: Sequence[str] = ()
+    ) -> IssuedToken:
         """Issue a one-time enrolment token for `node_name`, valid for `ttl_ms`; audited.
 
         Only the token's hash is stored: the returned token cannot be recovered later.
@@ -416,11 +511,24 @@ class SQLiteHQStore:
     """
 
     def __init__(
-        self, path: Path, *, wall: Callable[[], int] = system_ms, create: bool = True
+        self,
+        path: Path,
+        *,
+        wall: Callable[[], int] = system_ms,
+        create: bool = True,
+        policies: Mapping[str, FieldPolicies] | None = None,
+        origin: str = "",
+        max_ahead_ms: int = 300_000,
     ) -> None:
+        """`policies` are the collections' conflict policies (none: every field lww); `origin` is
+        HQ's node id, the origin of the changes HQ writes itself (resolutions, corrections);
+        `max_ahead_ms` how far ahead of HQ's clock a stamp may be before it is bounded."""
         self.path = path
         self._wall = wall
         self._create = create
+        self.policies = dict(policies or {})
+        self.origin = origin
+        self.max_ahead_ms = max_ahead_ms
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
@@ -450,6 +558,8 @@ class SQLiteHQStore:
                 "SELECT value FROM meta WHERE key = 'schema_version'"
             )
             version = int(next(iter(rows))[0])
+            if version < SCHEMA_VERSION:
+                version = await self._migrate(version)
             if version != SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path}: schema version {version}, this build knows {SCHEMA_VERSION}"
@@ -462,6 +572,15 @@ class SQLiteHQStore:
         except BaseException:
             await self.close()
             raise
+
+    async def _migrate(self, version: int) -> int:
+        """Bring an older database to this build's schema, one version at a time, atomically."""
+        steps = "".join(_MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1))
+        await self._w.executescript(
+            f"BEGIN IMMEDIATE;{steps}"
+            f"UPDATE meta SET value = '{SCHEMA_VERSION}' WHERE key = 'schema_version';COMMIT;"
+        )
+        return SCHEMA_VERSION
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -555,6 +674,7 @@ class SQLiteHQStore:
             last_contact=row[6],
             clock_offset_ms=row[7],
             flagged_reason=row[8],
+            groups=tuple(_loads(row[9])),
         )
 
     async def get_node(self, node_id: str) -> Node | None:
@@ -593,7 +713,10 @@ class SQLiteHQStore:
             (at, actor, action, text, digest),
         )
 
-    async def create_token(self, node_name: str, ttl_ms: int, *, actor: str) -> IssuedToken:
+    async def create_token(
+        self, node_name: str, ttl_ms: int, *, actor: str, groups: Sequence[str] = ()
+    ) -> IssuedToken:
+        groups = check_groups(groups)
         if not node_name.strip():
             raise StoreError("create token: the node name must not be empty")
         if ttl_ms <= 0:
@@ -604,11 +727,16 @@ class SQLiteHQStore:
         issued = IssuedToken(token, node_name, now + ttl_ms)
         async with self._transaction("create token") as conn:
             await conn.execute(
-                "INSERT INTO tokens(token_hash, node_name, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?)",
-                (digest, node_name, now, issued.expires_at),
+                "INSERT INTO tokens(token_hash, node_name, created_at, expires_at, groups) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (digest, node_name, now, issued.expires_at, _dumps(list(groups))),
             )
-            detail = {"node_name": node_name, "expires_at": issued.expires_at, "id": digest[:12]}
+            detail = {
+                "node_name": node_name,
+                "expires_at": issued.expires_at,
+                "id": digest[:12],
+                "groups": list(groups),
+            }
             await self._audit(conn, actor, "token.create", detail)
         return issued
 
@@ -618,11 +746,12 @@ class SQLiteHQStore:
         now = self._wall()
         async with self._transaction("enroll") as conn:
             rows = await conn.execute_fetchall(
-                "SELECT node_name, expires_at, used_at FROM tokens WHERE token_hash = ?", (digest,)
+                "SELECT node_name, expires_at, used_at, groups FROM tokens WHERE token_hash = ?",
+                (digest,),
             )
             if not rows:
                 raise EnrollmentRefused("token_invalid", "enrolment token is not valid")
-            name, expires_at, used_at = next(iter(rows))
+            name, expires_at, used_at, groups = next(iter(rows))
             if used_at is not None:
                 raise EnrollmentRefused(
                     "token_used", "enrolment token was already used; ask HQ for a new one"
@@ -645,9 +774,10 @@ class SQLiteHQStore:
                 (now, node_id, digest),
             )
             await conn.execute(
-                "INSERT INTO nodes(node_id, name, public_key, enrolled_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(node_id) DO UPDATE SET name = excluded.name",
-                (node_id, name, public_key, now),
+                "INSERT INTO nodes(node_id, name, public_key, enrolled_at, groups) "
+                "VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(node_id) DO UPDATE SET name = excluded.name, groups = excluded.groups",
+                (node_id, name, public_key, now, groups),
             )
             detail = {
                 "node_id": node_id,
@@ -657,6 +787,27 @@ class SQLiteHQStore:
                 "token_id": digest[:12],
             }
             await self._audit(conn, node_id, "node.enroll", detail)
+            rows = await conn.execute_fetchall(
+                f"SELECT {_NODE_COLUMNS} FROM nodes WHERE node_id = ?", (node_id,)
+            )
+            return self._node(next(iter(rows)))
+
+    async def set_groups(self, node_id: str, groups: Sequence[str], *, actor: str) -> Node:
+        """Give a node its groups (replacing the old ones); the node learns them at its next
+        contact. Audited: groups decide who may write source_of_truth fields."""
+        groups = check_groups(groups)
+        async with self._transaction("set node groups") as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT groups FROM nodes WHERE node_id = ?", (node_id,)
+            )
+            if not rows:
+                raise NodeNotFound(f"no node {node_id}")
+            before = _loads(next(iter(rows))[0])
+            await conn.execute(
+                "UPDATE nodes SET groups = ? WHERE node_id = ?", (_dumps(list(groups)), node_id)
+            )
+            detail = {"node_id": node_id, "before": before, "after": list(groups)}
+            await self._audit(conn, actor, "node.groups", detail)
             rows = await conn.execute_fetchall(
                 f"SELECT {_NODE_COLUMNS} FROM nodes WHERE node_id = ?", (node_id,)
             )
@@ -710,11 +861,12 @@ class SQLiteHQStore:
         now = self._wall()
         async with self._transaction("ingest") as conn:
             rows = await conn.execute_fetchall(
-                "SELECT acked_through, revoked_at FROM nodes WHERE node_id = ?", (node_id,)
+                "SELECT acked_through, revoked_at, groups FROM nodes WHERE node_id = ?",
+                (node_id,),
             )
             if not rows:
                 raise NodeNotFound(f"node {node_id} is not enrolled")
-            acked, revoked_at = next(iter(rows))
+            acked, revoked_at, groups = next(iter(rows))
             if revoked_at is not None:
                 raise NodeRevoked(f"node {node_id} was revoked")
             if batch_seq <= acked:
@@ -728,7 +880,11 @@ class SQLiteHQStore:
             elif batch_seq > acked + 1:
                 result = IngestResult(IngestStatus.GAP, acked)
             else:
-                appended, skipped = await self._apply(conn, changes, now)
+                writer = Writer(
+                    frozenset({f"node:{node_id}", *_loads(groups)}),
+                    clock_offset_ms=clock_offset_ms,
+                )
+                appended, skipped = await self._apply(conn, changes, now, writer)
                 result = IngestResult(IngestStatus.APPLIED, batch_seq, appended, skipped)
                 if digest is not None:
                     await conn.execute(
@@ -745,9 +901,11 @@ class SQLiteHQStore:
         return result
 
     async def _apply(
-        self, conn: aiosqlite.Connection, changes: Sequence[Change], now: int
+        self, conn: aiosqlite.Connection, changes: Sequence[Change], now: int, writer: Writer
     ) -> tuple[int, int]:
-        """Merge new changes into their records and append them to the log; (appended, skipped).
+        """Merge new changes into their records under the collections' policies, append them to
+        the log, keep the conflict queue, and append the corrections HQ authors (see
+        hq_server.conflicts); returns (appended, skipped) for the given changes.
 
         All rows are built first, then written with one `executemany` per table. (Overlapping the
         two -- queueing writes while encoding the next rows -- was measured slower: the sqlite3
@@ -757,15 +915,31 @@ class SQLiteHQStore:
         if not fresh:
             return 0, len(changes)
         states = await self._load_states(conn, fresh)
+        judge = Judge(
+            self.policies,
+            now_ms=now,
+            max_ahead_ms=self.max_ahead_ms,
+            skewed_time=await self._skewed_times(conn, states.values(), now),
+        )
         rows = await conn.execute_fetchall(
             "SELECT seq FROM sqlite_sequence WHERE name = 'changelog'"
         )
         seq = next(iter(rows))[0] if rows else 0
         touched: dict[tuple[str, str], int] = {}
         log_rows = []
-        for change in fresh:
+        events: list[tuple[Change, int, QueueEvent]] = []
+        skewed: list[tuple[str, int, int]] = []
+        pending = [(change, writer) for change in fresh]
+        for change, author in pending:  # grows while iterating: HQ's corrections come last
             seq += 1
-            apply_change(states[(change.collection, change.key)], change)
+            state = states.setdefault((change.collection, change.key), RecordState())
+            verdict = judge.apply(state, change, author)
+            events.extend((change, seq, e) for e in verdict.events)
+            if verdict.skewed is not None:
+                skewed.append((change.origin, change.hlc, verdict.skewed))
+            if verdict.corrections:
+                fix = await self._hq_change(conn, change.collection, change.key, state, now)
+                pending.append((replace(fix, fields=verdict.corrections), HQ_WRITER))
             touched[(change.collection, change.key)] = seq
             log_rows.append(
                 (
@@ -784,7 +958,109 @@ class SQLiteHQStore:
         record_rows = _record_rows(states, list(touched.items()))
         await conn.executemany(_INSERT_LOG, log_rows)
         await conn.executemany(_UPSERT_RECORD, record_rows)
+        if skewed:
+            await conn.executemany(
+                "INSERT OR REPLACE INTO skewed_stamps(origin, hlc, real_ms) VALUES (?, ?, ?)",
+                skewed,
+            )
+        for change, at_seq, queue_event in events:
+            await self._queue(conn, change, at_seq, queue_event, now)
         return len(fresh), len(changes) - len(fresh)
+
+    async def _skewed_times(
+        self, conn: aiosqlite.Connection, states: Iterable[RecordState], now: int
+    ) -> dict[Stamp, int]:
+        """Known real times of the stamps in `states` that are beyond HQ's clock bound."""
+        wanted = skew_candidates(list(states), now, self.max_ahead_ms)
+        out: dict[Stamp, int] = {}
+        for hlc, origin in wanted:
+            rows = await conn.execute_fetchall(
+                "SELECT real_ms FROM skewed_stamps WHERE origin = ? AND hlc = ?", (origin, hlc)
+            )
+            for (real_ms,) in rows:
+                out[(hlc, origin)] = real_ms
+        return out
+
+    async def _hq_change(
+        self, conn: aiosqlite.Connection, collection: str, key: str, state: RecordState, now: int
+    ) -> Change:
+        """A new change authored by HQ on a record, with no fields yet: parent = the version HQ
+        holds (it has seen every side), HLC above that version and every HLC HQ issued before,
+        origin sequence the next of HQ's own. Taken inside the caller's transaction, so the
+        server and a CLI process never issue the same sequence or stamp."""
+        if not self.origin:
+            raise StoreError("HQ cannot write changes: the store was opened without HQ's node id")
+        rows = await conn.execute_fetchall(
+            "SELECT key, value FROM meta WHERE key IN ('hq_change_seq', 'hq_last_hlc')"
+        )
+        meta = {k: int(v) for k, v in rows}
+        seq = meta.get("hq_change_seq", 0) + 1
+        hlc = max(pack_hlc(now), state.version + 1, meta.get("hq_last_hlc", 0) + 1)
+        await conn.executemany(
+            "INSERT INTO meta(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [("hq_change_seq", str(seq)), ("hq_last_hlc", str(hlc))],
+        )
+        return Change(collection, key, "upsert", {}, hlc, state.version, self.origin, seq)
+
+    async def _queue(
+        self, conn: aiosqlite.Connection, change: Change, seq: int, queued: QueueEvent, now: int
+    ) -> None:
+        """Record one conflict-queue event (see QueueEvent) in the conflicts table."""
+        sides = _dumps([side.to_json() for side in queued.sides])
+        where = (change.collection, change.key, queued.field)
+        if queued.kind == "auto":
+            await conn.execute(
+                "INSERT INTO conflicts(collection, key, field, policy, status, sides, note, "
+                "opened_at, opened_seq, closed_at, closed_seq) "
+                "VALUES (?, ?, ?, ?, 'auto', ?, ?, ?, ?, ?, ?)",
+                (*where, queued.policy, sides, queued.note, now, seq, now, seq),
+            )
+        elif queued.kind == "opened":
+            ancestor = await self._ancestor(conn, change, queued)
+            reviewer = self.policies.get(change.collection, NO_POLICIES).reviewers
+            await conn.execute(
+                "INSERT INTO conflicts(collection, key, field, policy, status, sides, ancestor, "
+                "reviewer, opened_at, opened_seq) VALUES (?, ?, ?, 'review', 'open', ?, ?, ?, ?, ?)",
+                (*where, sides, ancestor, reviewer.get(queued.field), now, seq),
+            )
+        elif queued.kind == "updated":
+            await conn.execute(
+                "UPDATE conflicts SET sides = ? WHERE collection = ? AND key = ? AND field = ? "
+                "AND status = 'open'",
+                (sides, *where),
+            )
+        else:  # closed
+            winner = queued.sides[0] if queued.sides else None
+            resolution = {
+                "value": winner.value if winner else None,
+                "origin": change.origin,
+                "seq": change.seq,
+                "op": change.op,
+            }
+            await conn.execute(
+                "UPDATE conflicts SET status = 'resolved', closed_at = ?, closed_seq = ?, "
+                "resolution = ? WHERE collection = ? AND key = ? AND field = ? "
+                "AND status = 'open'",
+                (now, seq, _dumps(resolution), *where),
+            )
+
+    @staticmethod
+    async def _ancestor(
+        conn: aiosqlite.Connection, change: Change, queued: QueueEvent
+    ) -> str | None:
+        """The last write to the field that every side had seen: what they both changed."""
+        seen = min((side.parent or 0) for side in queued.sides)
+        rows = await conn.execute_fetchall(
+            "SELECT origin, hlc, fields FROM changelog WHERE collection = ? AND key = ? "
+            "AND op = 'upsert' AND hlc <= ? ORDER BY hlc DESC, origin DESC",
+            (change.collection, change.key, seen),
+        )
+        for origin, hlc, fields in rows:
+            values = msgpack.unpackb(fields, raw=False)
+            if queued.field in values:
+                return _dumps({"value": values[queued.field], "hlc": hlc, "origin": origin})
+        return None
 
     @staticmethod
     async def _unseen(conn: aiosqlite.Connection, changes: Sequence[Change]) -> list[Change]:
@@ -818,13 +1094,16 @@ class SQLiteHQStore:
         states: dict[tuple[str, str], RecordState] = {}
         for collection, names in keys.items():
             rows = await conn.execute_fetchall(
-                "SELECT key, data, stamps, tombstone FROM records WHERE collection = ? "
+                "SELECT key, data, stamps, tombstone, heads FROM records WHERE collection = ? "
                 "AND key IN (SELECT value FROM json_each(?))",
                 (collection, _dumps(sorted(names))),
             )
-            for key, data, stamps, tomb in rows:
+            for key, data, stamps, tomb, heads in rows:
                 states[(collection, key)] = RecordState.from_storage(
-                    _loads(data), _loads(stamps), _loads(tomb) if tomb else None
+                    _loads(data),
+                    _loads(stamps),
+                    _loads(tomb) if tomb else None,
+                    _loads(heads) if heads else None,
                 )
             for name in names:
                 states.setdefault((collection, name), RecordState())
@@ -873,12 +1152,119 @@ class SQLiteHQStore:
         next_cursor = last if more else max(cursor, top)
         return FeedPage(changes, next_cursor, more)
 
+    # -- conflict queue
+
+    _CONFLICT_COLUMNS = (
+        "id, collection, key, field, policy, status, sides, ancestor, reviewer, note, opened_at, "
+        "closed_at, resolution"
+    )
+
+    @staticmethod
+    def _conflict(row: Sequence[Any]) -> ConflictEntry:
+        return ConflictEntry(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            _loads(row[6]),
+            _loads(row[7]) if row[7] else None,
+            row[8],
+            row[9],
+            row[10],
+            row[11],
+            _loads(row[12]) if row[12] else None,
+        )
+
+    async def list_conflicts(
+        self,
+        *,
+        status: str | None = "open",
+        collection: str | None = None,
+        after_id: int = 0,
+        limit: int = 100,
+    ) -> list[ConflictEntry]:
+        """Conflicts by id; `status` None lists the whole log."""
+        where, params = ["id > ?"], [after_id]
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)  # type: ignore[arg-type]
+        if collection is not None:
+            where.append("collection = ?")
+            params.append(collection)  # type: ignore[arg-type]
+        rows = await self._read(
+            f"SELECT {self._CONFLICT_COLUMNS} FROM conflicts WHERE {' AND '.join(where)} "
+            "ORDER BY id LIMIT ?",
+            (*params, limit),
+        )
+        return [self._conflict(r) for r in rows]
+
+    async def get_conflict(self, conflict_id: int) -> ConflictEntry:
+        rows = await self._read(
+            f"SELECT {self._CONFLICT_COLUMNS} FROM conflicts WHERE id = ?", (conflict_id,)
+        )
+        if not rows:
+            raise ConflictNotFound(f"no conflict {conflict_id}")
+        return self._conflict(rows[0])
+
+    async def resolve_conflict(
+        self, conflict_id: int, value: Any, *, actor: str, note: str = ""
+    ) -> ConflictEntry:
+        """Settle an open review conflict with `value`: HQ writes it as a change whose parent
+        covers every side, so it closes the conflict here and on every node that applies it.
+        Audited."""
+        now = self._wall()
+        async with self._transaction("resolve conflict") as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT collection, key, field, status FROM conflicts WHERE id = ?",
+                (conflict_id,),
+            )
+            if not rows:
+                raise ConflictNotFound(f"no conflict {conflict_id}")
+            collection, key, name, status = next(iter(rows))
+            if status != "open":
+                raise StoreError(
+                    f"conflict {conflict_id} is {status}, not open: nothing to resolve"
+                )
+            probe = Change(collection, key, "upsert", {}, 1, 0, self.origin, 0)
+            state = (await self._load_states(conn, [probe]))[(collection, key)]
+            change = await self._hq_change(conn, collection, key, state, now)
+            change = replace(change, fields={name: value})
+            try:
+                _dumps(value)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise StoreError(f"resolution value cannot be stored: {e}") from e
+            await self._apply(conn, [change], now, HQ_WRITER)
+            by = {"by": actor, "note": note}
+            await conn.execute(
+                "UPDATE conflicts SET resolution = json_patch(resolution, ?) WHERE id = ?",
+                (_dumps(by), conflict_id),
+            )
+            detail = {
+                "conflict": conflict_id,
+                "collection": collection,
+                "key": key,
+                "field": name,
+                "value": value,
+                "change": [change.origin, change.seq],
+                "note": note,
+            }
+            await self._audit(conn, actor, "conflict.resolve", detail)
+            rows = await conn.execute_fetchall(
+                f"SELECT {self._CONFLICT_COLUMNS} FROM conflicts WHERE id = ?", (conflict_id,)
+            )
+            return self._conflict(next(iter(rows)))
+
     # -- records, log, audit, meta
 
     @staticmethod
     def _record(row: Sequence[Any]) -> StoredRecord:
         state = RecordState.from_storage(
-            _loads(row[2]), _loads(row[3]), _loads(row[4]) if row[4] else None
+            _loads(row[2]),
+            _loads(row[3]),
+            _loads(row[4]) if row[4] else None,
+            _loads(row[7]) if row[7] else None,
         )
         return StoredRecord(row[0], row[1], state, row[5], row[6])
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from hq_server.config import HQConfig, load_config
+from hq_server.config import HQConfig, HQSection, load_config
+from protocol.collections import load_collections
 from protocol.config import ConfigError, documented_keys
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "hq.example.toml"
@@ -20,7 +22,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_example_loads_with_defaults() -> None:
     config = load_config(EXAMPLE)
-    assert config == HQConfig()
+    collections = EXAMPLE.parent / "collections.example.toml"
+    assert config == HQConfig(dataclasses.replace(HQSection(), collections_file=collections))
+    assert "beneficiaries" in load_collections(collections)
     section = config.hq
     assert section.listen == "127.0.0.1:8443"
     assert section.max_batch_bytes == 8 * 1024 * 1024

@@ -17,7 +17,15 @@ from hypothesis import strategies as st
 from test_protocol_strategies import canon, examples
 
 from protocol.change import Change
-from protocol.merge import NO_STAMP, RecordState, Stamp, apply_change, concurrent_fields
+from protocol.merge import (
+    NO_STAMP,
+    RecordState,
+    Stamp,
+    apply_change,
+    concurrent_fields,
+    conflict_transition,
+    may_write,
+)
 
 ORIGINS = ["nA", "nB", "nC"]
 KEYS = ["r1", "r2"]
@@ -287,3 +295,163 @@ def test_stamps_only_move_up() -> None:
     apply_change(state, upsert({"a": 2}, 4, "nC"))
     apply_change(state, upsert({"a": 3}, 5, "nA"))
     assert (state.values["a"], stamp(state, "a")) == (1, (5, "nB"))
+
+
+# -- review: heads and conflicts -----------------------------------------------------------------
+
+REVIEW = frozenset({"a", "b"})
+
+
+def replay_review(changes: list[Change]) -> dict[str, RecordState]:
+    states: dict[str, RecordState] = {}
+    for change in changes:
+        apply_change(states.setdefault(change.key, RecordState()), change, REVIEW)
+    return states
+
+
+def review_snapshot(states: dict[str, RecordState]) -> Any:
+    return canon(
+        {
+            key: (
+                snapshot({key: s}),
+                {f: sorted(canon(list(h)) for h in heads) for f, heads in s.heads.items()},
+                sorted(s.conflicts()),
+            )
+            for key, s in states.items()
+        }
+    )
+
+
+def heads_oracle(history: list[Change]) -> dict[str, dict[str, set[tuple[int, str]]]]:
+    """Per record and review field: the live writes no other live write has seen, computed from
+    the definition (a write is live when its stamp is above the record's highest delete)."""
+    out: dict[str, dict[str, set[tuple[int, str]]]] = {}
+    for key in {c.key for c in history}:
+        mine = [c for c in history if c.key == key]
+        tomb = max(((c.hlc, c.origin) for c in mine if c.op == "delete"), default=NO_STAMP)
+        for name in sorted(REVIEW):
+            live = [
+                c
+                for c in mine
+                if c.op == "upsert" and name in c.fields and (c.hlc, c.origin) > tomb
+            ]
+            heads = {(c.hlc, c.origin) for c in live if not any(o.parent >= c.hlc for o in live)}
+            if heads:
+                out.setdefault(key, {})[name] = heads
+    return out
+
+
+@examples(200)
+@given(data=st.data(), history=histories())
+def test_review_heads_converge_and_match_their_definition(
+    data: st.DataObject, history: list[Change]
+) -> None:
+    first = replay_review(data.draw(deliveries(history)))
+    second = replay_review(data.draw(deliveries(history)))
+    assert review_snapshot(first) == review_snapshot(second)
+    # Values are lww whatever the policy: the same as without review.
+    assert snapshot(first) == snapshot(oracle(history))
+    got = {
+        key: {f: {h.stamp for h in heads} for f, heads in s.heads.items()}
+        for key, s in first.items()
+        if s.heads
+    }
+    assert got == heads_oracle(history)
+    for state in first.values():
+        for heads in state.heads.values():
+            # The visible value is always one of the heads: the highest stamp.
+            assert heads[0].stamp == max(h.stamp for h in heads)
+
+
+@examples(150)
+@given(data=st.data(), history=histories())
+def test_review_conflicts_are_queued_exactly_once_whatever_the_order(
+    data: st.DataObject, history: list[Change]
+) -> None:
+    """HQ's queue, simulated with `conflict_transition`: whatever the arrival order (with
+    re-deliveries), every field whose heads disagree at the end has exactly one open entry, and no
+    other field has one."""
+
+    def queue(order: list[Change]) -> dict[tuple[str, str], int]:
+        states: dict[str, RecordState] = {}
+        opened: Counter[tuple[str, str]] = Counter()
+        for change in order:
+            state = states.setdefault(change.key, RecordState())
+            before = {f: state.conflict(f) for f in REVIEW}
+            apply_change(state, change, REVIEW)
+            for name in REVIEW:
+                step = conflict_transition(before[name], state.conflict(name))
+                if step == "opened":
+                    assert opened[(change.key, name)] == 0, "opened twice"
+                    opened[(change.key, name)] += 1
+                elif step == "closed":
+                    opened[(change.key, name)] -= 1
+        return {k: v for k, v in opened.items() if v}
+
+    one = queue(data.draw(deliveries(history)))
+    two = queue(data.draw(deliveries(history)))
+    expected = {
+        (key, name): 1 for key, s in replay_review(history).items() for name in s.conflicts()
+    }
+    assert one == two == expected
+
+
+def test_concurrent_review_writes_with_different_values_conflict_both_ways() -> None:
+    base = upsert({"a": 4}, 1, "nA")
+    left, right = upsert({"a": 5}, 3, "nA", parent=1), upsert({"a": 6}, 4, "nB", parent=1)
+    for order in ([base, left, right], [base, right, left], [right, left, base]):
+        state = RecordState()
+        for change in order:
+            apply_change(state, change, REVIEW)
+        assert state.values == {"a": 6}  # provisional: the highest stamp, the same everywhere
+        conflict = state.conflict("a")
+        assert conflict is not None and [h.value for h in conflict] == [6, 5]
+
+
+def test_equal_values_converge_without_a_conflict() -> None:
+    state = RecordState()
+    for change in (upsert({"a": 5}, 3, "nA", 1), upsert({"a": 5}, 4, "nB", 1)):
+        apply_change(state, change, REVIEW)
+    assert state.conflict("a") is None
+
+
+def test_a_write_that_saw_both_heads_resolves_the_conflict() -> None:
+    state = RecordState()
+    for change in (upsert({"a": 5}, 3, "nA", 1), upsert({"a": 6}, 4, "nB", 1)):
+        apply_change(state, change, REVIEW)
+    apply_change(state, upsert({"a": 5}, 7, "hq", parent=state.version), REVIEW)
+    assert state.conflict("a") is None and state.values == {"a": 5}
+    # A late copy of a side the resolution had seen changes nothing.
+    apply_change(state, upsert({"a": 6}, 4, "nB", 1), REVIEW)
+    assert state.conflict("a") is None and state.values == {"a": 5}
+
+
+def test_a_write_that_saw_only_one_side_keeps_the_conflict_open() -> None:
+    state = RecordState()
+    for change in (upsert({"a": 5}, 3, "nA", 1), upsert({"a": 6}, 6, "nB", 1)):
+        apply_change(state, change, REVIEW)
+    apply_change(state, upsert({"a": 7}, 8, "nA", parent=3), REVIEW)
+    conflict = state.conflict("a")
+    assert conflict is not None and sorted(h.value for h in conflict) == [6, 7]
+
+
+def test_heads_survive_storage() -> None:
+    state = RecordState()
+    for change in (upsert({"a": 5}, 3, "nA", 1), upsert({"a": {"x": [1]}}, 4, "nB", 1)):
+        apply_change(state, change, REVIEW)
+    stored = json.loads(json.dumps([*state.to_storage(), state.heads_to_storage()]))
+    assert RecordState.from_storage(*stored) == state
+
+
+@pytest.mark.parametrize(
+    ("owner", "writer", "creating", "allowed"),
+    [
+        ("hq:case-management", {"group:kakuma"}, False, False),
+        ("hq:case-management", {"hq:case-management"}, False, True),
+        ("group:kakuma", {"group:kakuma", "group:north"}, False, True),
+        ("group:kakuma", {"group:north"}, True, True),  # the initial value of a new record
+        (None, set(), False, True),
+    ],
+)
+def test_may_write(owner: str | None, writer: set[str], creating: bool, allowed: bool) -> None:
+    assert may_write(owner, writer, creating=creating) is allowed

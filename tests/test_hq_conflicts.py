@@ -1,0 +1,275 @@
+"""HQ under the collections' conflict policies: the review queue, the lww log, source_of_truth
+enforcement and clock bounding, on a real SQLite store fed the way ingest feeds it."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hq_fixtures import DAY_MS, FakeWall
+
+from hq_server.store import SQLiteHQStore, StoreError
+from protocol.change import Change
+from protocol.collections import load_collections
+from protocol.hlc import pack, physical_ms
+from protocol.identity import NodeIdentity
+from protocol.merge import field_policies
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "collections.example.toml"
+POLICIES = field_policies(load_collections(EXAMPLE))
+HQ_ORIGIN = "nhq0000000000000000000000000"
+YEAR_MS = 365 * DAY_MS
+
+
+@asynccontextmanager
+async def opened(tmp_path: Path, wall: FakeWall) -> AsyncIterator[SQLiteHQStore]:
+    store = SQLiteHQStore(tmp_path / "hq.db", wall=wall, policies=POLICIES, origin=HQ_ORIGIN)
+    async with store:
+        yield store
+
+
+class Node:
+    """An enrolled node that numbers its changes and batches like an agent does."""
+
+    def __init__(self, store: SQLiteHQStore, identity: NodeIdentity) -> None:
+        self.store, self.id = store, identity.node_id
+        self.seq = self.batch = 0
+
+    @classmethod
+    async def enrol(cls, store: SQLiteHQStore, name: str, groups: tuple[str, ...] = ()) -> Node:
+        identity = NodeIdentity.generate()
+        issued = await store.create_token(name, DAY_MS, actor="test", groups=groups)
+        await store.enroll(issued.token, identity.public_key)
+        return cls(store, identity)
+
+    def change(self, key: str, fields: dict[str, Any], hlc: int, parent: int) -> Change:
+        self.seq += 1
+        return Change("beneficiaries", key, "upsert", fields, hlc, parent, self.id, self.seq)
+
+    async def send(self, *changes: Change, offset_ms: int | None = None) -> None:
+        self.batch += 1
+        await self.store.ingest(self.id, self.batch, list(changes), clock_offset_ms=offset_ms)
+
+
+async def base_record(store: SQLiteHQStore, node: Node, at: int) -> int:
+    """A registered household (as the field creates it); returns its version."""
+    await node.send(
+        node.change(
+            "B1",
+            {"given_name": "Amina", "household_size": 4, "registration_status": "registered"},
+            at,
+            0,
+        )
+    )
+    return at
+
+
+async def test_review_conflict_is_queued_once_with_both_sides_and_the_ancestor(
+    tmp_path: Path,
+) -> None:
+    wall = FakeWall()
+    async with opened(tmp_path, wall) as store:
+        a, b = await Node.enrol(store, "a"), await Node.enrol(store, "b")
+        v = await base_record(store, a, pack(wall()))
+        left = a.change("B1", {"household_size": 5}, v + 10, v)
+        right = b.change("B1", {"household_size": 6}, v + 20, v)
+        await a.send(left)
+        assert await store.list_conflicts() == []
+        await b.send(right)
+        await b.send(right)  # a resend is a duplicate, not a second conflict
+        (entry,) = await store.list_conflicts()
+        assert (entry.collection, entry.key, entry.field, entry.policy, entry.status) == (
+            "beneficiaries",
+            "B1",
+            "household_size",
+            "review",
+            "open",
+        )
+        assert [(s["value"], s["origin"]) for s in entry.sides] == [(6, b.id), (5, a.id)]
+        assert entry.ancestor == {"value": 4, "hlc": v, "origin": a.id}
+        # Provisional value: the highest stamp, as on every replica.
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and record.data["household_size"] == 6
+
+
+async def test_resolution_at_hq_is_a_change_that_covers_both_sides(tmp_path: Path) -> None:
+    wall = FakeWall()
+    async with opened(tmp_path, wall) as store:
+        a, b = await Node.enrol(store, "a"), await Node.enrol(store, "b")
+        v = await base_record(store, a, pack(wall()))
+        await a.send(a.change("B1", {"household_size": 5}, v + 10, v))
+        await b.send(b.change("B1", {"household_size": 6}, v + 20, v))
+        (entry,) = await store.list_conflicts()
+        done = await store.resolve_conflict(entry.id, 5, actor="cli:alice", note="visited")
+        assert done.status == "resolved"
+        assert done.resolution is not None
+        assert (done.resolution["value"], done.resolution["origin"]) == (5, HQ_ORIGIN)
+        assert (done.resolution["by"], done.resolution["note"]) == ("cli:alice", "visited")
+        assert await store.list_conflicts() == []
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and record.data["household_size"] == 5
+        # Both nodes get HQ's resolution in their feed.
+        for node in (a, b):
+            page = await store.feed(node.id, 0, 100, max_bytes=1 << 20)
+            hq = [c for c in page.changes if c.origin == HQ_ORIGIN]
+            assert [c.fields for c in hq] == [{"household_size": 5}]
+            assert hq[0].parent >= v + 20
+        with pytest.raises(StoreError, match="not open"):
+            await store.resolve_conflict(entry.id, 6, actor="cli:alice")
+        audit = await store.audit_log()
+        assert audit[-1].action == "conflict.resolve" and audit[-1].actor == "cli:alice"
+
+
+async def test_resolution_from_a_node_closes_the_conflict(tmp_path: Path) -> None:
+    wall = FakeWall()
+    async with opened(tmp_path, wall) as store:
+        a, b = await Node.enrol(store, "a"), await Node.enrol(store, "b")
+        v = await base_record(store, a, pack(wall()))
+        await a.send(a.change("B1", {"household_size": 5}, v + 10, v))
+        await b.send(b.change("B1", {"household_size": 6}, v + 20, v))
+        # Node a received b's side (its version is now v + 20) and decided.
+        await a.send(a.change("B1", {"household_size": 6}, v + 30, v + 20))
+        (entry,) = await store.list_conflicts(status=None)
+        assert entry.status == "resolved"
+        assert entry.resolution is not None and entry.resolution["origin"] == a.id
+
+
+async def test_equal_concurrent_values_converge_silently(tmp_path: Path) -> None:
+    wall = FakeWall()
+    async with opened(tmp_path, wall) as store:
+        a, b = await Node.enrol(store, "a"), await Node.enrol(store, "b")
+        v = await base_record(store, a, pack(wall()))
+        await a.send(a.change("B1", {"household_size": 5, "given_name": "Ami"}, v + 10, v))
+        await b.send(b.change("B1", {"household_size": 5, "given_name": "Ami"}, v + 20, v))
+        assert await store.list_conflicts(status=None) == []
+
+
+async def test_lww_loser_is_logged_as_auto_resolved(tmp_path: Path) -> None:
+    wall = FakeWall()
+    async with opened(tmp_path, wall) as store:
+        a, b = await Node.enrol(store, "a"), await Node.enrol(store, "b")
+        v = await base_record(store, a, pack(wall()))
+        await b.send(b.change("B1", {"given_name": "Aminata"}, v + 20, v))
+        await a.send(a.change("B1", {"given_name": "Amina B."}, v + 10, v))
+        assert await store.list_conflicts() == []  # nothing waits for a person
+        (entry,) = await store.list_conflicts(status="auto")
+        assert (entry.field, entry.policy) == ("given_name", "lww")
+        assert [s["value"] for s in entry.sides] == ["Aminata", "Amina B."]  # winner first
+
+
+async def test_source_of_truth_write_by_a_non_owner_is_reverted(tmp_path: Path) -> None:
+    wall = FakeWall()
+    async with opened(tmp_path, wall) as store:
+        field = await Node.enrol(store, "field", groups=("kakuma",))
+        v = await base_record(store, field, pack(wall()))
+        await field.send(field.change("B1", {"registration_status": "verified"}, v + 10, v))
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and record.data["registration_status"] == "registered"
+        (entry,) = await store.list_conflicts(status="auto")
+        assert entry.policy == "source_of_truth" and "hq:case-management" in entry.note
+        page = await store.feed(field.id, 0, 100, max_bytes=1 << 20)
+        (fix,) = [c for c in page.changes if c.origin == HQ_ORIGIN]
+        assert fix.fields == {"registration_status": "registered"} and fix.hlc > v + 10
+
+
+async def test_group_owner_writes_its_source_of_truth_field(tmp_path: Path) -> None:
+    policies = dict(POLICIES)
+    b = policies["beneficiaries"]
+    policies["beneficiaries"] = type(b)(
+        review=b.review, owners={"registration_status": "group:kakuma"}, reviewers=b.reviewers
+    )
+    wall = FakeWall()
+    store = SQLiteHQStore(tmp_path / "hq.db", wall=wall, policies=policies, origin=HQ_ORIGIN)
+    async with store:
+        owner = await Node.enrol(store, "owner", groups=("group:kakuma",))
+        other = await Node.enrol(store, "other", groups=("north",))
+        v = await base_record(store, other, pack(wall()))
+        await owner.send(owner.change("B1", {"registration_status": "verified"}, v + 10, v))
+        await other.send(other.change("B1", {"registration_status": "inactive"}, v + 20, v + 10))
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and record.data["registration_status"] == "verified"
+
+
+@pytest.mark.parametrize("skewed_first", [True, False])
+async def test_a_clock_two_years_ahead_cannot_override_a_newer_edit(
+    tmp_path: Path, skewed_first: bool
+) -> None:
+    """Node `late` (clock right) edits the name an hour after node `ahead` (clock two years
+    ahead) did, without having seen that edit. The later edit must stand, in either order of
+    arrival; HQ says why in its log."""
+    wall = FakeWall()
+    async with opened(tmp_path, wall) as store:
+        ahead, late = await Node.enrol(store, "ahead"), await Node.enrol(store, "late")
+        v = await base_record(store, late, pack(wall()))
+        early_edit = ahead.change(
+            "B1", {"given_name": "From the past"}, pack(wall() + 2 * YEAR_MS), v
+        )
+        wall.advance(3_600_000)
+        newer_edit = late.change("B1", {"given_name": "Newer"}, pack(wall()), v)
+        if skewed_first:
+            await ahead.send(early_edit, offset_ms=2 * YEAR_MS)
+            await late.send(newer_edit)
+        else:
+            await late.send(newer_edit)
+            await ahead.send(early_edit, offset_ms=2 * YEAR_MS)
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and record.data["given_name"] == "Newer"
+        clock_entries = [
+            e for e in await store.list_conflicts(status="auto") if e.policy == "clock"
+        ]
+        assert len(clock_entries) == 1 and "wrong clock" in clock_entries[0].note
+        # A later edit by the fast node that saw the current version still wins, as it should.
+        wall.advance(60_000)
+        assert record.version > physical_ms(0)
+        await ahead.send(
+            ahead.change(
+                "B1", {"given_name": "Seen and changed"}, record.version + 1, record.version
+            ),
+            offset_ms=2 * YEAR_MS,
+        )
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and record.data["given_name"] == "Seen and changed"
+
+
+async def test_node_groups_are_audited_and_normalised(tmp_path: Path) -> None:
+    wall = FakeWall()
+    async with opened(tmp_path, wall) as store:
+        node = await Node.enrol(store, "n", groups=("kakuma",))
+        assert (await store.get_node(node.id)).groups == ("group:kakuma",)  # type: ignore[union-attr]
+        changed = await store.set_groups(node.id, ["b", "group:a", "b"], actor="cli:ops")
+        assert changed.groups == ("group:a", "group:b")
+        assert (await store.audit_log())[-1].action == "node.groups"
+        with pytest.raises(StoreError, match="node group"):
+            await store.set_groups(node.id, ["bad name"], actor="cli:ops")
+
+
+async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
+    db = tmp_path / "hq.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE nodes (node_id TEXT PRIMARY KEY, name TEXT NOT NULL, public_key BLOB NOT NULL,
+            enrolled_at INTEGER NOT NULL, revoked_at INTEGER, acked_through INTEGER NOT NULL
+            DEFAULT 0, last_contact INTEGER, clock_offset_ms INTEGER, flagged_reason TEXT);
+        CREATE TABLE tokens (token_hash TEXT PRIMARY KEY, node_name TEXT NOT NULL,
+            created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, used_at INTEGER,
+            used_by_node TEXT);
+        CREATE TABLE records (collection TEXT NOT NULL, key TEXT NOT NULL, data TEXT NOT NULL,
+            stamps TEXT NOT NULL, tombstone TEXT, version INTEGER NOT NULL,
+            updated_seq INTEGER NOT NULL, PRIMARY KEY (collection, key));
+        INSERT INTO records VALUES ('c', 'k', '{"a":1}', '{"a":[5,"n1"]}', NULL, 5, 1);
+        """
+    )
+    conn.commit()
+    conn.close()
+    async with opened(tmp_path, FakeWall()) as store:
+        record = await store.get_record("c", "k")
+        assert record is not None and record.data == {"a": 1} and record.state.heads == {}
+        node = await Node.enrol(store, "n", groups=("x",))
+        assert (await store.get_node(node.id)).groups == ("group:x",)  # type: ignore[union-attr]
