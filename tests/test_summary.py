@@ -18,8 +18,9 @@ from protocol.summary import add, contributions, summary_key, window
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = load_collections(ROOT / "config" / "collections.example.toml")
-SUMMARY = EXAMPLE["distributions"].summary
-assert SUMMARY is not None
+_EXAMPLE_SUMMARY = EXAMPLE["distributions"].summary
+assert _EXAMPLE_SUMMARY is not None
+SUMMARY: Summary = _EXAMPLE_SUMMARY
 
 
 def fold(summary: Summary, records: list[dict[str, Any]], node: str) -> dict[str, dict[str, Any]]:

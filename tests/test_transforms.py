@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.fieldgen import beneficiaries
-from protocol.collections import CollectionsConfigError, load_collections
+from protocol.collections import CollectionsConfig, CollectionsConfigError, load_collections
 from protocol.transforms import original, transform
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ lines = { type = "list", items = { type = "object", fields = { unit = { type = "
 """
 
 
-def load(tmp_path: Path, text: str = BASE) -> object:
+def load(tmp_path: Path, text: str = BASE) -> CollectionsConfig:
     path = tmp_path / "collections.toml"
     path.write_text(text)
     return load_collections(path)
@@ -68,9 +68,9 @@ def test_example_transform_keeps_every_generated_beneficiary_valid() -> None:
 
 def test_lookup_derive_rename_drop(tmp_path: Path) -> None:
     config = load(tmp_path)
-    people = config["people"]  # type: ignore[index]
+    people = config["people"]
     record = {"id": "p1", "given": "Ana", "family": "Diaz", "region": "R2", "secret": "x"}
-    fields, local_only, problems = transform(people, record, config.references)  # type: ignore[attr-defined]
+    fields, local_only, problems = transform(people, record, config.references)
     assert problems == []
     assert fields == {
         "id": "p1",
@@ -92,12 +92,12 @@ def test_missing_placeholder_gives_null_and_unknown_code_is_a_transform_problem(
     tmp_path: Path,
 ) -> None:
     config = load(tmp_path)
-    people = config["people"]  # type: ignore[index]
-    fields, _, problems = transform(people, {"id": "p1", "given": "Ana"}, config.references)  # type: ignore[attr-defined]
+    people = config["people"]
+    fields, _, problems = transform(people, {"id": "p1", "given": "Ana"}, config.references)
     assert fields["label"] is None and fields["region_name"] is None and not problems
     _, _, problems = transform(
         people, {"id": "p1", "given": "A", "region": "R9"}, config.references
-    )  # type: ignore[attr-defined]
+    )
     (problem,) = problems
     assert (problem.field, problem.rule, problem.stage) == ("region", "region_name", "transform")
     assert "'R9'" in problem.message and "regions" in problem.message
@@ -109,8 +109,8 @@ def test_lookup_default_and_csv_lookup_table(tmp_path: Path) -> None:
         'values = { R1 = "North", R2 = "South" }', 'file = "codes.csv"\nvalue_column = "name"'
     ).replace('table = "regions" }', 'table = "regions", default = "elsewhere" }')
     config = load(tmp_path, text)
-    people = config["people"]  # type: ignore[index]
-    refs = config.references  # type: ignore[attr-defined]
+    people = config["people"]
+    refs = config.references
     assert transform(people, {"id": "1", "given": "a", "region": "R1"}, refs)[0]["region_name"] == (
         "North"
     )
@@ -133,7 +133,7 @@ def test_summary_config_loads(tmp_path: Path) -> None:
     text = BASE.replace('mode = "append_only"\n', 'mode = "append_only"\n' + SUMMARY, 1)
     # The summary table comes after the [collections.events] keys but before its fields.
     config = load(tmp_path, text)
-    summary = config["events"].summary  # type: ignore[index]
+    summary = config["events"].summary
     assert summary is not None and summary.each == "lines" and summary.window == "day"
     assert summary.field_names == ("site", "unit", "node", "window_start", "window_end", "n", "qty")
 
@@ -297,4 +297,4 @@ def test_exceptions_flags_field_may_not_shadow_a_field(tmp_path: Path) -> None:
         load(tmp_path, BASE.replace('mode = "append_only"\n', flags, 1))
     assert caught.value.key == "collections.events.flags_field"
     ok = load(tmp_path, BASE.replace('mode = "append_only"\n', flags.replace('"site"', '"why"'), 1))
-    assert [r.name for r in ok["events"].flags] == ["small"]  # type: ignore[index]
+    assert [r.name for r in ok["events"].flags] == ["small"]
