@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +26,15 @@ import orjson
 
 from protocol.change import OPS, Change, Op
 from protocol.hlc import HybridClock, physical_ms
-from protocol.merge import NO_STAMP, RecordState, apply_change
+from protocol.merge import (
+    NO_POLICIES,
+    NO_STAMP,
+    FieldPolicies,
+    Head,
+    RecordState,
+    apply_change,
+    may_write,
+)
 
 T = TypeVar("T")
 
@@ -36,11 +44,19 @@ CREATE TABLE IF NOT EXISTS records (
     collection TEXT NOT NULL,
     key TEXT NOT NULL,
     data TEXT NOT NULL,        -- visible field values, JSON (queryable with json_extract)
-    stamps BLOB NOT NULL,      -- msgpack [{field: [hlc, origin]}, tombstone [hlc, origin] or nil]
+    stamps BLOB NOT NULL,      -- msgpack [top stamp, {field: stamp}, tombstone, {field: heads}]
     alive INTEGER NOT NULL,    -- 0 for a tombstone
     version INTEGER NOT NULL,  -- highest HLC in the record: the parent of the next local write
     UNIQUE (collection, key)
 );
+-- Review conflicts open on this replica (the details are the record's heads): what
+-- `fieldsync-agent conflicts list` shows, kept in step with the records in each transaction.
+CREATE TABLE IF NOT EXISTS conflicts (
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    field TEXT NOT NULL,
+    PRIMARY KEY (collection, key, field)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY,   -- origin sequence: contiguous from 1, never reused
     collection TEXT NOT NULL,
@@ -82,6 +98,7 @@ META_DEFAULTS: dict[str, Any] = {
     "acked_batch": 0,
     "clock_last": 0,
     "feed_cursor": 0,
+    "groups": "[]",  # JSON: this node's groups as HQ last said (source_of_truth, review)
     "hq_offset_ms": 0,
     "last_contact_ms": 0,
     "last_error": "",
@@ -111,6 +128,9 @@ class Write:
     # A partial update (PATCH): only for a record that exists when the transaction runs, so a
     # concurrent delete is never undone by a record holding just the patched fields.
     must_exist: bool = False
+    # A conflict resolution: the fields are written even where they equal the visible value, so
+    # the new change's parent covers every side and closes the conflict everywhere.
+    resolves: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +139,8 @@ class WriteResult:
     seq: int | None  # origin sequence of the change, None when the write changed nothing
     hlc: int | None
     missing: bool = False  # a must_exist write found no live record: nothing was written
+    # Why the write was refused (a source_of_truth field this node does not own), else None.
+    refused: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +184,18 @@ class SealedBatch:
 class AgentStore:
     """One writer connection (all writes), one reader connection (API reads, batcher scans)."""
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, node_id: str):
+    def __init__(
+        self,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        node_id: str,
+        policies: Mapping[str, FieldPolicies] | None = None,
+    ):
         self._writer = writer
         self._reader = reader
         self.node_id = node_id
+        # The collections' conflict policies (protocol.merge.field_policies); none: all lww.
+        self.policies: Mapping[str, FieldPolicies] = policies or {}
         self.clock = HybridClock()
         self._commit_lock = asyncio.Lock()  # one write transaction at a time
         self._group_lock = asyncio.Lock()  # one group commit being formed at a time
@@ -173,7 +203,9 @@ class AgentStore:
         self.changed = asyncio.Event()  # set after every commit that queued changes
 
     @classmethod
-    async def open(cls, path: Path, node_id: str) -> AgentStore:
+    async def open(
+        cls, path: Path, node_id: str, policies: Mapping[str, FieldPolicies] | None = None
+    ) -> AgentStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = await aiosqlite.connect(path, isolation_level=None)
         try:
@@ -191,7 +223,7 @@ class AgentStore:
         except BaseException:
             await writer.close()
             raise
-        store = cls(writer, reader, node_id)
+        store = cls(writer, reader, node_id, policies)
         meta = await store.meta()
         store.clock.observe(int(meta["clock_last"]))
         store.clock.offset_ms = int(meta["hq_offset_ms"])
@@ -277,10 +309,11 @@ class AgentStore:
         meta = {
             k: v
             async for k, v in await db.execute(
-                "SELECT k, v FROM meta WHERE k IN ('next_change_seq', 'clock_last')"
+                "SELECT k, v FROM meta WHERE k IN ('next_change_seq', 'clock_last', 'groups')"
             )
         }
         next_seq = int(meta["next_change_seq"])
+        principals = frozenset({f"node:{self.node_id}", *orjson.loads(meta.get("groups", "[]"))})
         self.clock.observe(int(meta["clock_last"]))  # the CLI may write beside the daemon
         states = await _load_states(db, ((w.collection, w.key) for w in writes))
         dirty: dict[tuple[str, str], RecordState] = {}
@@ -291,7 +324,21 @@ class AgentStore:
             if w.must_exist and (state is None or not state.alive):
                 results.append(WriteResult(w.key, None, None, missing=True))
                 continue
-            if state is None and w.op == "upsert":
+            rules = self.policies.get(w.collection, NO_POLICIES)
+            refused = [
+                name
+                for name, owner in rules.owners.items()
+                if name in w.fields
+                and not may_write(owner, principals, creating=state is None)
+                and (state is None or state.values.get(name) != w.fields[name])
+            ]
+            if refused:
+                owners = ", ".join(f"{n} (owned by {rules.owners[n]})" for n in refused)
+                results.append(
+                    WriteResult(w.key, None, None, refused=f"this node may not change {owners}")
+                )
+                continue
+            if state is None and w.op == "upsert" and not rules.review:
                 # New record, the common case of field capture: every field is written.
                 hlc = self.clock.now()
                 stamp = (hlc, self.node_id)
@@ -304,7 +351,7 @@ class AgentStore:
                     fields = {
                         name: value
                         for name, value in w.fields.items()
-                        if name not in state.stamps or state.values[name] != value
+                        if w.resolves or name not in state.stamps or state.values[name] != value
                     }
                     if not fields:
                         results.append(WriteResult(w.key, None, None))
@@ -321,6 +368,7 @@ class AgentStore:
                 apply_change(
                     state,
                     Change(w.collection, w.key, w.op, fields, hlc, parent, self.node_id, 0),
+                    rules.review,
                 )
             states[(w.collection, w.key)] = state
             dirty[(w.collection, w.key)] = state
@@ -338,7 +386,7 @@ class AgentStore:
             results.append(WriteResult(w.key, next_seq, hlc))
             next_seq += 1
         if outbox:
-            await _save_states(db, dirty)
+            await _save_states(db, dirty, self.policies)
             await db.executemany(
                 "INSERT INTO outbox (seq, collection, key, op, fields, hlc, parent)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -490,8 +538,11 @@ class AgentStore:
 
     # ---- downstream --------------------------------------------------------------------------
 
-    async def apply_feed(self, changes: Sequence[Change], cursor: int) -> int:
-        """Merge HQ's downstream changes and advance the feed cursor in one transaction."""
+    async def apply_feed(
+        self, changes: Sequence[Change], cursor: int, groups: Sequence[str] | None = None
+    ) -> int:
+        """Merge HQ's downstream changes and advance the feed cursor in one transaction; `groups`
+        is this node's groups as HQ's signed page states them (None: unchanged)."""
 
         async def body(db: aiosqlite.Connection) -> int:
             states = await _load_states(db, ((c.collection, c.key) for c in changes))
@@ -500,21 +551,50 @@ class AgentStore:
                 if change.origin == self.node_id:
                     continue
                 state = states.setdefault((change.collection, change.key), RecordState())
-                apply_change(state, change)
+                review = self.policies.get(change.collection, NO_POLICIES).review
+                apply_change(state, change, review)
                 dirty[(change.collection, change.key)] = state
                 # A timestamp from a clock far ahead still merges (replicas must converge) but
                 # must not drag this clock into the future with it.
                 ahead = physical_ms(change.hlc) - self.clock.physical()
                 if ahead <= self.clock.max_drift_ms:
                     self.clock.observe(change.hlc)
-            await _save_states(db, dirty)
-            await db.executemany(
-                "UPDATE meta SET v = ? WHERE k = ?",
-                [(cursor, "feed_cursor"), (self.clock.last, "clock_last")],
-            )
+            await _save_states(db, dirty, self.policies)
+            updates: list[tuple[Any, str]] = [
+                (cursor, "feed_cursor"),
+                (self.clock.last, "clock_last"),
+            ]
+            if groups is not None:
+                updates.append((orjson.dumps(sorted(groups)).decode(), "groups"))
+            await db.executemany("UPDATE meta SET v = ? WHERE k = ?", updates)
             return len(dirty)
 
         return await self._transaction(body)
+
+    # ---- review conflicts open on this replica ------------------------------------------------
+
+    async def open_conflicts(
+        self, collection: str | None = None
+    ) -> list[tuple[str, str, str, list[Head]]]:
+        """(collection, key, field, heads highest stamp first) of every open review conflict."""
+        sql = "SELECT c.collection, c.key, c.field, r.data, r.stamps FROM conflicts c JOIN "
+        sql += "records r ON r.collection = c.collection AND r.key = c.key"
+        params: list[Any] = []
+        if collection is not None:
+            sql += " WHERE c.collection = ?"
+            params.append(collection)
+        async with self._reader.execute(sql + " ORDER BY 1, 2, 3", params) as cursor:
+            rows = await cursor.fetchall()
+        out = []
+        for coll, key, name, data, stamps in rows:
+            heads = _unpack_state(data, stamps).conflict(name)
+            if heads is not None:
+                out.append((coll, key, name, heads))
+        return out
+
+    async def groups(self) -> list[str]:
+        """This node's groups, as HQ last said."""
+        return list(orjson.loads((await self.meta()).get("groups", "[]")))
 
     # ---- status ------------------------------------------------------------------------------
 
@@ -641,30 +721,44 @@ async def _load_states(
 def _pack_state(state: RecordState) -> tuple[str, bytes, bool, int]:
     """(data JSON, stamps blob, alive, version) for the records table.
 
-    Stamps are stored as [top stamp, {field: stamp} for fields whose stamp differs, tombstone]:
-    most fields of a record share the stamp of its last write, so this stays small.
+    Stamps are stored as [top stamp, {field: stamp} for fields whose stamp differs, tombstone,
+    heads of review fields (only when there are some)]: most fields of a record share the stamp of
+    its last write, so this stays small.
     """
     top = max(state.stamps.values()) if state.stamps else None
     others = {name: stamp for name, stamp in state.stamps.items() if stamp != top}
     tombstone = None if state.tombstone == NO_STAMP else state.tombstone
-    stamps = msgpack.packb([top, others, tombstone], use_bin_type=True)
+    heads = state.heads_to_storage()
+    packed = [top, others, tombstone] if heads is None else [top, others, tombstone, heads]
+    stamps = msgpack.packb(packed, use_bin_type=True)
     version = top[0] if top is not None else state.tombstone[0]
     return orjson.dumps(state.values).decode(), stamps, bool(state.stamps), version
 
 
 def _unpack_state(data: str, stamps: bytes) -> RecordState:
     values = orjson.loads(data)
-    top, others, tombstone = msgpack.unpackb(stamps, raw=False, use_list=False)
+    top, others, tombstone, *rest = msgpack.unpackb(stamps, raw=False, use_list=False)
     return RecordState(
         values,
         {name: others.get(name, top) for name in values},
         tombstone if tombstone is not None else NO_STAMP,
+        {name: [Head(*h) for h in heads] for name, heads in rest[0].items()} if rest else {},
     )
 
 
 async def _save_states(
-    db: aiosqlite.Connection, states: dict[tuple[str, str], RecordState]
+    db: aiosqlite.Connection,
+    states: dict[tuple[str, str], RecordState],
+    policies: Mapping[str, FieldPolicies] | None = None,
 ) -> None:
+    """Write merged records; with `policies`, also keep the open-conflicts table in step."""
+    if policies:
+        stale = [(c, k) for (c, k) in states if c in policies and policies[c].review]
+        await db.executemany("DELETE FROM conflicts WHERE collection = ? AND key = ?", stale)
+        await db.executemany(
+            "INSERT INTO conflicts (collection, key, field) VALUES (?, ?, ?)",
+            [(c, k, name) for (c, k) in stale for name in states[(c, k)].conflicts()],
+        )
     # A generator: rows are encoded as SQLite consumes them, never all held at once.
     rows = ((c, k, *_pack_state(state)) for (c, k), state in states.items())
     await db.executemany(
