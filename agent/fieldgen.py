@@ -784,7 +784,11 @@ def beneficiaries(count: int, seed: int = 1, start: int = 0) -> Iterator[dict[st
 
 
 def distributions(
-    count: int, seed: int = 1, start: int = 0, beneficiary_count: int | None = None
+    count: int,
+    seed: int = 1,
+    start: int = 0,
+    beneficiary_count: int | None = None,
+    rounds: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield distribution events for indices ``start .. start + count - 1``.
 
@@ -793,11 +797,24 @@ def distributions(
     to an index in ``[0, i]``; unlike a default tied to ``count`` this keeps every record
     independent of chunking, and a beneficiary set of ``start + count`` records (``count`` when
     ``start`` is 0) still contains every referenced beneficiary.
+
+    ``rounds``: distributions happen on that many distribution days (weekly, the last one on
+    DATE_MAX; record ``i`` on day ``i % rounds``), as a field office hands out rations in rounds
+    rather than every day. What summaries per site and day are measured against; the date may
+    then precede the beneficiary's registration.
     """
     _check_range(count, start)
     if beneficiary_count is not None and beneficiary_count <= 0:
         raise ValueError(f"beneficiary_count must be > 0, got {beneficiary_count}")
-    return (_distribution(seed, index, beneficiary_count) for index in range(start, start + count))
+    if rounds is not None and rounds <= 0:
+        raise ValueError(f"rounds must be > 0, got {rounds}")
+    made = (_distribution(seed, index, beneficiary_count) for index in range(start, start + count))
+    if rounds is None:
+        return made
+    return (
+        record | {"distribution_date": date.fromordinal(_ORD_MAX - 7 * (i % rounds)).isoformat()}
+        for i, record in enumerate(made, start=start)
+    )
 
 
 def records(collection: str, count: int, seed: int = 1, start: int = 0) -> Iterator[dict[str, Any]]:

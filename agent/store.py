@@ -18,7 +18,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 import msgpack
@@ -66,6 +66,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     hlc INTEGER NOT NULL,
     parent INTEGER NOT NULL
 );
+-- The outbox row holding the latest change of each summary record (protocol.summary): while it is
+-- not yet claimed by the batcher, later increments update it in place instead of adding a row.
+CREATE TABLE IF NOT EXISTS summary_outbox (
+    collection TEXT NOT NULL,
+    key TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (collection, key)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY,   -- batch sequence: contiguous from 1
     first INTEGER NOT NULL,
@@ -95,6 +103,8 @@ META_DEFAULTS: dict[str, Any] = {
     "next_change_seq": 1,
     "next_batch_seq": 1,
     "sealed_through": 0,
+    # Outbox rows up to here are being sealed: never updated in place again (summary records).
+    "claimed_through": 0,
     "acked_batch": 0,
     "clock_last": 0,
     "feed_cursor": 0,
@@ -107,6 +117,7 @@ META_DEFAULTS: dict[str, Any] = {
     "sent_bytes": 0,
 }
 IN_CHUNK = 500
+_NONE = object()  # "no such field", distinct from a field holding null
 # SQLite's page cache per connection, in KiB. The default (~8 MB each) would be a tenth of the
 # agent's memory budget on a small laptop; the workload is append-mostly, so a small cache costs
 # little (measured: ingest and sync rates unchanged within noise).
@@ -120,6 +131,40 @@ class StoreError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class SummaryUpdate:
+    """What a write adds to one summary record: `apply(held)` gives every field of the summary
+    record from what it holds now (None: it does not exist yet)."""
+
+    collection: str
+    key: str
+    apply: Callable[[dict[str, Any] | None], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """What the edge pipeline decided for one write, inside its transaction (agent.capture.edge).
+
+    `fields` replace the write's fields (the record as transformed); `local_only` fields are
+    stored but never put in the outbox; `forward` False keeps the change on this agent; `whole`
+    puts every field of the record in the change (its first one HQ sees); `summaries` are applied
+    in the same transaction; `refused` refuses the write (nothing is stored)."""
+
+    fields: dict[str, Any]
+    local_only: frozenset[str] = frozenset()
+    forward: bool = True
+    whole: bool = False
+    summaries: Sequence[SummaryUpdate] = ()
+    refused: str | None = None
+
+
+class EdgeHook(Protocol):
+    def plan(self, write: Write, current: dict[str, Any] | None, node: str) -> Planned:
+        """Decide for `write`, given the live record's values (None: no live record). Must not
+        raise: a refusal is a Planned with `refused` set."""
+        ...
+
+
+@dataclass(slots=True)
 class Write:
     collection: str
     key: str
@@ -131,12 +176,17 @@ class Write:
     # A conflict resolution: the fields are written even where they equal the visible value, so
     # the new change's parent covers every side and closes the conflict everywhere.
     resolves: bool = False
+    # The collection's edge steps (transform, forwarding mode), set by the capture validator
+    # (agent.capture.validate) and applied in the write transaction. None: stored as written.
+    edge: EdgeHook | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
     key: str
-    seq: int | None  # origin sequence of the change, None when the write changed nothing
+    # Origin sequence of the change; None when the write changed nothing or the change is kept
+    # on this agent (summary and exceptions modes, device-only fields: then `hlc` is set).
+    seq: int | None
     hlc: int | None
     missing: bool = False  # a must_exist write found no live record: nothing was written
     # Why the write was refused (a source_of_truth field this node does not own), else None.
@@ -309,28 +359,41 @@ class AgentStore:
         meta = {
             k: v
             async for k, v in await db.execute(
-                "SELECT k, v FROM meta WHERE k IN ('next_change_seq', 'clock_last', 'groups')"
+                "SELECT k, v FROM meta WHERE k IN ('next_change_seq', 'clock_last', 'groups',"
+                " 'sealed_through', 'claimed_through')"
             )
         }
         next_seq = int(meta["next_change_seq"])
+        # Summary records' outbox rows above this may still be updated in place.
+        claimed = max(int(meta["sealed_through"]), int(meta.get("claimed_through", 0)))
+        pending: dict[tuple[str, str], int] = {}  # summary record -> its row in `outbox` below
         principals = frozenset({f"node:{self.node_id}", *orjson.loads(meta.get("groups", "[]"))})
         self.clock.observe(int(meta["clock_last"]))  # the CLI may write beside the daemon
         states = await _load_states(db, ((w.collection, w.key) for w in writes))
         dirty: dict[tuple[str, str], RecordState] = {}
-        outbox: list[tuple[Any, ...]] = []
+        outbox: list[list[Any]] = []
         results: list[WriteResult] = []
         for w in writes:
             state = states.get((w.collection, w.key))
             if w.must_exist and (state is None or not state.alive):
                 results.append(WriteResult(w.key, None, None, missing=True))
                 continue
+            written = w.fields
+            plan: Planned | None = None
+            if w.edge is not None:
+                alive = state.values if state is not None and state.alive else None
+                plan = w.edge.plan(w, alive, self.node_id)
+                if plan.refused is not None:
+                    results.append(WriteResult(w.key, None, None, refused=plan.refused))
+                    continue
+                written = plan.fields
             rules = self.policies.get(w.collection, NO_POLICIES)
             refused = [
                 name
                 for name, owner in rules.owners.items()
-                if name in w.fields
+                if name in written
                 and not may_write(owner, principals, creating=state is None)
-                and (state is None or state.values.get(name) != w.fields[name])
+                and (state is None or state.values.get(name) != written[name])
             ]
             if refused:
                 owners = ", ".join(f"{n} (owned by {rules.owners[n]})" for n in refused)
@@ -342,7 +405,7 @@ class AgentStore:
                 # New record, the common case of field capture: every field is written.
                 hlc = self.clock.now()
                 stamp = (hlc, self.node_id)
-                fields = w.fields
+                fields = written
                 state = RecordState(dict(fields), dict.fromkeys(fields, stamp))
                 parent = 0
             else:
@@ -350,7 +413,7 @@ class AgentStore:
                 if w.op == "upsert":
                     fields = {
                         name: value
-                        for name, value in w.fields.items()
+                        for name, value in written.items()
                         if w.resolves or name not in state.stamps or state.values[name] != value
                     }
                     if not fields:
@@ -372,8 +435,22 @@ class AgentStore:
                 )
             states[(w.collection, w.key)] = state
             dirty[(w.collection, w.key)] = state
+            if plan is not None:
+                for update in plan.summaries:
+                    next_seq = await self._summarise(
+                        db, update, states, dirty, outbox, pending, claimed, next_seq
+                    )
+                sent = dict(state.values) if plan.whole else fields
+                if plan.local_only:
+                    sent = {n: v for n, v in sent.items() if n not in plan.local_only}
+                if not plan.forward or (w.op == "upsert" and not sent):
+                    results.append(WriteResult(w.key, None, hlc))  # stored, kept on this agent
+                    continue
+                fields = sent
+                if plan.whole:
+                    parent = 0  # HQ has never seen this record
             outbox.append(
-                (
+                [
                     next_seq,
                     w.collection,
                     w.key,
@@ -381,22 +458,99 @@ class AgentStore:
                     msgpack.packb(fields, use_bin_type=True),
                     hlc,
                     parent,
-                )
+                ]
             )
             results.append(WriteResult(w.key, next_seq, hlc))
             next_seq += 1
-        if outbox:
+        if dirty:
             await _save_states(db, dirty, self.policies)
+        if outbox:
             await db.executemany(
                 "INSERT INTO outbox (seq, collection, key, op, fields, hlc, parent)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 outbox,
             )
+        if pending:
+            await db.executemany(
+                "INSERT OR REPLACE INTO summary_outbox (collection, key, seq) VALUES (?, ?, ?)",
+                [(c, k, outbox[i][0]) for (c, k), i in pending.items()],
+            )
+        if dirty:
             await db.executemany(
                 "UPDATE meta SET v = ? WHERE k = ?",
                 [(next_seq, "next_change_seq"), (self.clock.last, "clock_last")],
             )
         return results
+
+    async def _summarise(
+        self,
+        db: aiosqlite.Connection,
+        update: SummaryUpdate,
+        states: dict[tuple[str, str], RecordState],
+        dirty: dict[tuple[str, str], RecordState],
+        outbox: list[list[Any]],
+        pending: dict[tuple[str, str], int],
+        claimed: int,
+        next_seq: int,
+    ) -> int:
+        """Apply one increment to a summary record, in the capture's transaction; returns the next
+        origin sequence.
+
+        Bytes matter more than changes here: while the summary record's last outbox row is not
+        claimed by the batcher, it is updated in place (its seq kept, so origin sequences stay
+        contiguous and are never reused) and carries the record's latest values; otherwise a new
+        row carries what changed. Either way the change's parent is what HQ last saw.
+        """
+        ident = (update.collection, update.key)
+        if ident not in states:
+            states.update(await _load_states(db, [ident]))
+        state = states.get(ident)
+        held = state.values if state is not None and state.alive else None
+        values = update.apply(held)
+        changed = {n: v for n, v in values.items() if held is None or held.get(n, _NONE) != v}
+        if not changed:
+            return next_seq
+        state = state or RecordState()
+        hlc = max(self.clock.now(), state.version + 1)
+        row: list[Any] | None = None
+        if ident in pending:
+            row = outbox[pending[ident]]
+        else:
+            async with db.execute(
+                "SELECT o.seq, o.collection, o.key, o.op, o.fields, o.hlc, o.parent"
+                " FROM summary_outbox s JOIN outbox o ON o.seq = s.seq"
+                " WHERE s.collection = ? AND s.key = ? AND s.seq > ?",
+                (*ident, claimed),
+            ) as cursor:
+                found = await cursor.fetchone()
+            if found is not None:
+                row = list(found)
+        if row is not None:
+            fields = msgpack.unpackb(row[4], raw=False) | changed
+            row[4], row[5] = msgpack.packb(fields, use_bin_type=True), hlc
+            if ident not in pending:
+                await db.execute(
+                    "UPDATE outbox SET fields = ?, hlc = ? WHERE seq = ?", (row[4], hlc, row[0])
+                )
+            parent = int(row[6])
+        else:
+            fields, parent = changed, state.version
+            pending[ident] = len(outbox)
+            outbox.append(
+                [
+                    next_seq,
+                    *ident,
+                    OPS.index("upsert"),
+                    msgpack.packb(fields, use_bin_type=True),
+                    hlc,
+                    parent,
+                ]
+            )
+            next_seq += 1
+        # Stamped as HQ will stamp them: every field of the (coalesced) change at its HLC.
+        apply_change(state, Change(*ident, "upsert", fields, hlc, state.version, self.node_id, 0))
+        states[ident] = dirty[ident] = state
+        return next_seq
 
     # ---- reads for the local API ------------------------------------------------------------
 
@@ -457,32 +611,49 @@ class AgentStore:
     # ---- batcher ------------------------------------------------------------------------------
 
     async def unsealed_changes(self, max_changes: int, max_bytes: int) -> list[Change]:
-        """The next outbox changes not yet in a batch, in order, bounded in count and bytes."""
-        meta = await self.meta()
-        rows: list[Change] = []
-        size = 0
-        async with self._reader.execute(
-            "SELECT seq, collection, key, op, fields, hlc, parent FROM outbox"
-            " WHERE seq > ? ORDER BY seq LIMIT ?",
-            (int(meta["sealed_through"]), max_changes),
-        ) as cursor:
-            async for seq, collection, key, op, fields, hlc, parent in cursor:
-                size += len(fields) + len(key) + 24
-                if rows and size > max_bytes:
-                    break
-                rows.append(
-                    Change(
-                        collection,
-                        key,
-                        OPS[op],
-                        msgpack.unpackb(fields, raw=False),
-                        hlc,
-                        parent,
-                        self.node_id,
-                        seq,
+        """The next outbox changes not yet in a batch, in order, bounded in count and bytes.
+
+        Read in a write transaction that also claims them (`claimed_through`): a summary
+        record's outbox row may be updated in place until it is claimed, never after, so a
+        batch never misses an increment that landed while it was being sealed.
+        """
+
+        async def body(db: aiosqlite.Connection) -> list[Change]:
+            async with db.execute(
+                "SELECT k, v FROM meta WHERE k IN ('sealed_through', 'claimed_through')"
+            ) as cursor:
+                meta = {k: int(v) async for k, v in cursor}
+            rows: list[Change] = []
+            size = 0
+            async with db.execute(
+                "SELECT seq, collection, key, op, fields, hlc, parent FROM outbox"
+                " WHERE seq > ? ORDER BY seq LIMIT ?",
+                (meta["sealed_through"], max_changes),
+            ) as cursor:
+                async for seq, collection, key, op, fields, hlc, parent in cursor:
+                    size += len(fields) + len(key) + 24
+                    if rows and size > max_bytes:
+                        break
+                    rows.append(
+                        Change(
+                            collection,
+                            key,
+                            OPS[op],
+                            msgpack.unpackb(fields, raw=False),
+                            hlc,
+                            parent,
+                            self.node_id,
+                            seq,
+                        )
                     )
+            if rows and rows[-1].seq > meta.get("claimed_through", 0):
+                await db.execute(
+                    "INSERT OR REPLACE INTO meta (k, v) VALUES ('claimed_through', ?)",
+                    (rows[-1].seq,),
                 )
-        return rows
+            return rows
+
+        return await self._transaction(body)
 
     async def add_batch(self, batch: SealedBatch, created_ms: int) -> None:
         """Record a sealed batch and advance `sealed_through`, atomically."""
@@ -526,6 +697,7 @@ class AgentStore:
             last, count, size = row or (None, 0, 0)
             if last is not None:
                 await db.execute("DELETE FROM outbox WHERE seq <= ?", (last,))
+                await db.execute("DELETE FROM summary_outbox WHERE seq <= ?", (last,))
                 await db.execute("DELETE FROM batches WHERE seq <= ?", (acked_through,))
             await db.execute(
                 "UPDATE meta SET v = max(v, ?) WHERE k = 'acked_batch'", (acked_through,)

@@ -39,6 +39,11 @@ def agent_config(tmp_path: Path, extra: str = "") -> Path:
     return path
 
 
+def shaped(record: dict[str, Any]) -> dict[str, Any]:
+    """A beneficiary as the agent stores it: the example's transform adds a display name."""
+    return record | {"display_name": f"{record['given_name']} {record['family_name']}"}
+
+
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[TestClient[Any, Any]]:
     config = load_agent_config(agent_config(tmp_path))
@@ -116,7 +121,7 @@ async def test_fix_and_resubmit_through_the_api_stores_the_record(
     assert (await fixed.json()) == {"ready": True, "errors": []}
     assert (await client.post(f"/v1/errors/{entry['id']}/resubmit")).status == 200
     stored = await client.get(f"{BASE}/records/{record['beneficiary_id']}")
-    assert (await stored.json()) == record
+    assert (await stored.json()) == shaped(record)
     assert (await (await client.get("/v1/errors")).json())["errors"] == []
     again = await client.post(f"/v1/errors/{entry['id']}/resubmit")
     assert again.status == 404
@@ -197,7 +202,7 @@ def test_cli_errors_list_show_fix_resubmit(tmp_path: Path) -> None:
     stored = runner.invoke(main, ["errors", "resubmit", *cfg, entry_id])
     assert stored.exit_code == 0 and "stored" in stored.output
     got = runner.invoke(main, ["get", *cfg, "beneficiaries", record["beneficiary_id"]])
-    assert json.loads(got.output) == record
+    assert json.loads(got.output) == shaped(record)
     assert "empty" in runner.invoke(main, ["errors", "list", *cfg]).output
 
 

@@ -16,7 +16,9 @@
     POST   /v1/errors/{id}/resubmit            checked again and, if it passes, stored and synced
     POST   /v1/errors/{id}/discard             {"reason": ...}
 
-A 2xx answer to a write means it is fsync'd. Errors are JSON: {"error": rule, "message": ...,
+A 2xx answer to a write means it is fsync'd. A change with `"seq": null` (bulk: counted in
+`changed` but not between `first_seq` and `last_seq`) is kept on the agent, not forwarded: what
+summary and exceptions modes do with records. Errors are JSON: {"error": rule, "message": ...,
 "errors": [{line, key, field, rule, message}]}.
 """
 
@@ -104,11 +106,21 @@ async def _json_body(request: web.Request) -> Any:
 
 
 def _result(result: WriteResult) -> dict[str, Any]:
-    return {"key": result.key, "changed": result.seq is not None, "seq": result.seq}
+    # A change kept on this agent (summary and exceptions modes, device-only fields) is changed
+    # with no `seq`: stored and queryable here, not forwarded.
+    return {"key": result.key, "changed": result.hlc is not None, "seq": result.seq}
 
 
 async def _write(request: web.Request, writes: list[Write]) -> list[WriteResult]:
-    return await request.app[STORE_KEY].write(writes)
+    results = await request.app[STORE_KEY].write(writes)
+    if len(writes) == 1 and results[0].refused:
+        raise RejectedInput([_refusal(writes[0], results[0])])
+    return results
+
+
+def _refusal(write: Write, result: WriteResult) -> RecordError:
+    """Why the store's edge steps refused a write (an append_only record exists, say)."""
+    return RecordError(str(result.refused), "edge", key=write.key, stage="edge")
 
 
 def _checker(request: web.Request) -> Callable[..., list[RecordError]] | None:
@@ -139,7 +151,7 @@ async def put_record(request: web.Request) -> web.Response:
 
 async def patch_record(request: web.Request) -> web.Response:
     write = await _one_record(request, partial=True)
-    patch = Write(write.collection, write.key, write.op, write.fields, must_exist=True)
+    patch = Write(write.collection, write.key, write.op, write.fields, True, edge=write.edge)
     (result,) = await _write(request, [patch])
     if result.missing:
         raise web.HTTPNotFound(text=f"no record {write.key!r} in {write.collection}: PUT it whole")
@@ -156,7 +168,7 @@ async def post_record(request: web.Request) -> web.Response:
 async def delete_record(request: web.Request) -> web.Response:
     collection, _ = _collection(request)
     key = request.match_info["key"]
-    (result,) = await _write(request, [Write(collection, key, "delete", {})])
+    (result,) = await _write(request, [_checked(request, Write(collection, key, "delete", {}))])
     if result.seq is None:
         raise web.HTTPNotFound(text=f"record {key!r} does not exist in {collection}")
     return web.json_response(_result(result))
@@ -168,7 +180,7 @@ async def bulk(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
     refused: list[QueuedError] = []
 
-    def queue(record: Any, line: int, errors: list[RecordError]) -> None:
+    def queue(record: Any, line: int | None, errors: list[RecordError]) -> None:
         refused.append(
             entry_for(record, collection, key_field, line, "request body", errors, system_ms())
         )
@@ -183,18 +195,25 @@ async def bulk(request: web.Request) -> web.Response:
             on_refused=queue,
         )
         del body
-        results = await _write(request, writes)
+        results = await store.write(writes)
+        for write, result in zip(writes, results, strict=True):
+            if result.refused:  # e.g. an append_only record sent again with other values
+                record = {key_field: write.key, **write.fields}
+                error = _refusal(write, result)
+                queue(record, None, [error])
         del writes
         if refused:  # durable before the answer, like the accepted records
             await store.queue_errors(refused)
-    changed = [r.seq for r in results if r.seq is not None]
+    stored = [r for r in results if not r.refused]
+    changed = [r for r in stored if r.hlc is not None]
+    forwarded = [r.seq for r in changed if r.seq is not None]
     return web.json_response(
         {
-            "accepted": len(results),
+            "accepted": len(stored),
             "changed": len(changed),
-            "unchanged": len(results) - len(changed),
-            "first_seq": changed[0] if changed else None,
-            "last_seq": changed[-1] if changed else None,
+            "unchanged": len(stored) - len(changed),
+            "first_seq": forwarded[0] if forwarded else None,
+            "last_seq": forwarded[-1] if forwarded else None,
             "queued_errors": len(refused),
             "errors": [error for entry in refused for error in entry.errors],
         }

@@ -10,18 +10,33 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
+from agent.capture.edge import CollectionEdge
 from agent.capture.records import RecordError
 from agent.config import AgentConfig
 from agent.store import Write
 from protocol.collections import CollectionsConfig, load_collections
 from protocol.config import ConfigError
+from protocol.transforms import transform
 from protocol.validation import validate
 
 
 class EdgeValidator:
+    """Judges writes against the collections file and prepares them for the rest of the edge
+    pipeline (agent.capture.edge): `check` attaches the collection's `CollectionEdge` to every
+    write it passes, and the store applies it in the write transaction."""
+
     def __init__(self, collections: CollectionsConfig, clock_ms: Callable[[], int]) -> None:
         self.collections = collections
         self._clock_ms = clock_ms
+        self.edges = {
+            name: CollectionEdge(collection, collections.references, clock_ms)
+            for name, collection in collections.collections.items()
+        }
+        self.derived = {
+            c.summary.collection: name
+            for name, c in collections.collections.items()
+            if c.summary is not None
+        }
 
     @classmethod
     def for_agent(cls, config: AgentConfig, clock_ms: Callable[[], int]) -> EdgeValidator | None:
@@ -35,6 +50,8 @@ class EdgeValidator:
         collections = load_collections(path)
         for name, section in config.collections.items():
             defined = collections.collections.get(name)
+            if defined is None and name in collections_derived(collections):
+                continue  # summary records: readable through the local API, written by the agent
             if defined is None:
                 raise ConfigError(
                     path, f"collections.{name}", "the agent accepts this collection: define it here"
@@ -55,9 +72,26 @@ class EdgeValidator:
         source: str | None = None,
         partial: bool = False,
     ) -> list[RecordError]:
-        """What is wrong with `write` (nothing for deletes or collections not defined here)."""
+        """What is wrong with `write` (nothing for collections not defined here). A write that
+        passes carries its collection's edge steps (`write.edge`) to the store."""
+        if write.collection in self.derived:
+            source_name = self.derived[write.collection]
+            return [
+                RecordError(
+                    f"{write.collection} holds the summaries of {source_name}: only the agent "
+                    "writes it",
+                    "derived_collection",
+                    line,
+                    write.key,
+                    None,
+                    source,
+                )
+            ]
         collection = self.collections.collections.get(write.collection)
-        if collection is None or write.op != "upsert":
+        if collection is None:
+            return []
+        if write.op != "upsert":
+            write.edge = self.edges[write.collection]
             return []
         now = dt.datetime.fromtimestamp(self._clock_ms() / 1000, dt.UTC)
         violations = validate(
@@ -68,7 +102,17 @@ class EdgeValidator:
             now=now,
             partial=partial,
         )
+        if not violations:
+            # Lookups of the codes present; a PATCH's derived fields are made in the store.
+            violations = transform(collection, write.fields, self.collections.references)[2]
+        if not violations:
+            write.edge = self.edges[write.collection]
         return [
             RecordError(v.message, v.rule, line, write.key, v.field or None, source, v.stage)
             for v in violations
         ]
+
+
+def collections_derived(collections: CollectionsConfig) -> set[str]:
+    """Names of the summary collections the agent writes itself."""
+    return {c.summary.collection for c in collections.collections.values() if c.summary}
