@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
+from agent import review
 from agent.capture import errorqueue
 from agent.capture.records import (
     RecordError,
@@ -31,7 +32,7 @@ from agent.capture.records import (
 from agent.capture.validate import EdgeValidator
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_agent_config
 from agent.hqclient import HQError, enroll
-from agent.service import NotInitialised, load_identity, open_agent, run_agent
+from agent.service import NotInitialised, load_identity, open_agent, partial_check, run_agent
 from agent.status import read_status
 from agent.store import StoreError, Write
 from protocol.config import ConfigError
@@ -207,10 +208,17 @@ def put(config: AgentConfig, collection: str, record: str | None, path: str | No
             return await agent.store.write(writes)
 
     results = _run(write())
+    refused = [r for r in results if r.refused]
+    for result in refused:
+        click.echo(f"{collection}/{result.key}: refused: {result.refused}", err=True)
     changed = sum(1 for r in results if r.seq is not None)
+    stored = len(results) - len(refused)
     click.echo(
-        f"stored {len(results)} records ({changed} changed, {len(results) - changed} unchanged)"
+        f"stored {stored} records ({changed} changed, {stored - changed} unchanged)"
+        + (f"; {len(refused)} refused" if refused else "")
     )
+    if refused:
+        sys.exit(1)
 
 
 @main.group()
@@ -348,6 +356,116 @@ def errors_discard(config: AgentConfig, entry_id: int, reason: str) -> None:
 
     _with_queue(config, work)
     click.echo(f"entry {entry_id} discarded")
+
+
+@main.group()
+def conflicts() -> None:
+    """Review conflicts (concurrent edits a person must decide), also while offline."""
+
+
+def _with_review(config: AgentConfig, work: Callable[..., Coroutine[Any, Any, T]]) -> T:
+    async def run() -> T:
+        async with open_agent(config) as agent:
+            validator = EdgeValidator.for_agent(config, agent.store.clock.physical)
+            return await work(agent.store, partial_check(validator))
+
+    with friendly_errors():
+        try:
+            return asyncio.run(run())
+        except review.ReviewError as e:
+            _fail(str(e))
+    raise AssertionError("unreachable")
+
+
+def _side_lines(conflict: review.LocalConflict) -> list[str]:
+    return [
+        f"  {n}. {json.dumps(side.value, ensure_ascii=False)}  by {side.origin} "
+        f"at {review.to_json_when(side.hlc)}" + ("  (shown now)" if n == 1 else "")
+        for n, side in enumerate(conflict.sides, 1)
+    ]
+
+
+@conflicts.command("list")
+@with_config
+@click.option("--collection", default=None, help="Only this collection.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def conflicts_list(config: AgentConfig, collection: str | None, as_json: bool) -> None:
+    """Open conflicts on this node's copy; those marked 'here' can be resolved offline."""
+
+    async def work(store: Any, check: Any) -> list[review.LocalConflict]:
+        return await review.list_conflicts(store, collection)
+
+    found = _with_review(config, work)
+    if as_json:
+        click.echo(json.dumps([c.to_json() for c in found], indent=2, ensure_ascii=False))
+        return
+    if not found:
+        click.echo("no open conflicts")
+    for c in found:
+        where = "here" if c.resolvable_here else f"by {c.reviewer or 'HQ'}"
+        values = " | ".join(json.dumps(h.value, ensure_ascii=False) for h in c.sides)
+        click.echo(f"{c.collection}/{c.key}  {c.field}: {values}  (resolve {where})")
+
+
+@conflicts.command("show")
+@with_config
+@click.argument("collection")
+@click.argument("key")
+@click.argument("field")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def conflicts_show(
+    config: AgentConfig, collection: str, key: str, field: str, as_json: bool
+) -> None:
+    """One conflict: every side with who wrote it and when."""
+
+    async def work(store: Any, check: Any) -> review.LocalConflict:
+        return await review.get_conflict(store, collection, key, field)
+
+    conflict = _with_review(config, work)
+    if as_json:
+        click.echo(json.dumps(conflict.to_json(), indent=2, ensure_ascii=False))
+        return
+    who = "this node" if conflict.resolvable_here else (conflict.reviewer or "HQ")
+    click.echo(f"{collection}/{key} field {field!r} (resolved by {who}):")
+    for line in _side_lines(conflict):
+        click.echo(line)
+
+
+@conflicts.command("resolve")
+@with_config
+@click.argument("collection")
+@click.argument("key")
+@click.argument("field")
+@click.option("--value", "value_text", default=None, help="The value to keep, as JSON.")
+@click.option("--take", type=int, default=None, help="Keep side N as numbered by `show`.")
+def conflicts_resolve(
+    config: AgentConfig,
+    collection: str,
+    key: str,
+    field: str,
+    value_text: str | None,
+    take: int | None,
+) -> None:
+    """Decide a conflict on this node (offline is fine): it syncs to HQ with the next link."""
+    if (value_text is None) == (take is None):
+        _fail("give exactly one of --value JSON or --take N", 2)
+    value: Any = None
+    if value_text is not None:
+        try:
+            value = loads_record(value_text)
+        except ValueError as e:
+            _fail(f"--value is not valid JSON: {e}", 2)
+
+    async def work(store: Any, check: Any) -> tuple[Any, Any, int]:
+        return await review.resolve(
+            store, collection, key, field, value=value, take=take, check=check
+        )
+
+    _, written, seq = _with_review(config, work)
+    click.echo(
+        f"resolved {collection}/{key} {field} = {json.dumps(written, ensure_ascii=False)} "
+        f"(local change {seq}; it reaches HQ and the other nodes with the next sync)"
+    )
 
 
 @main.command()

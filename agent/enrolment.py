@@ -16,10 +16,15 @@ class Enrolment:
     node_id: str
     hq_node_id: str
     hq_public_key: bytes
+    # The node groups HQ gave this node at enrolment; later changes arrive with the feed.
+    groups: tuple[str, ...] = ()
 
     def save(self, path: Path) -> None:
         """Atomically and durably (see protocol.files)."""
-        data = asdict(self) | {"hq_public_key": b64(self.hq_public_key)}
+        data = asdict(self) | {
+            "hq_public_key": b64(self.hq_public_key),
+            "groups": list(self.groups),
+        }
         with atomic_write(path, mode=0o600, text=True) as f:
             json.dump(data, f, indent=2)
 
@@ -31,4 +36,5 @@ class Enrolment:
             node_id=data["node_id"],
             hq_node_id=data["hq_node_id"],
             hq_public_key=unb64(data["hq_public_key"], f"{path}: hq_public_key"),
+            groups=tuple(data.get("groups", ())),
         )

@@ -96,7 +96,7 @@ class Forwarder:
         cursor = int(meta["feed_cursor"])
         while True:
             page = await self.client.pull(cursor, self.feed_page_size)
-            applied += await self.store.apply_feed(page.changes, page.cursor)
+            applied += await self.store.apply_feed(page.changes, page.cursor, page.groups)
             self.counters.changes_pulled += len(page.changes)
             cursor = page.cursor
             self._contact()

@@ -63,6 +63,7 @@ class FeedPage:
     cursor: int
     more: bool
     hq_time_ms: int
+    groups: list[str] | None = None  # this node's groups as HQ states them (None: not said)
 
 
 def ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
@@ -194,11 +195,16 @@ class HQClient:
             next_cursor, more = opened.header.get("cursor"), opened.header.get("more")
             if not isinstance(next_cursor, int) or not isinstance(more, bool):
                 raise ProtocolError("feed header lacks cursor/more")
+            groups = opened.header.get("groups")
+            if groups is not None and (
+                not isinstance(groups, list) or not all(isinstance(g, str) for g in groups)
+            ):
+                raise ProtocolError("feed header: groups must be a list of strings")
         except ProtocolError as e:
             raise TransientError(f"pull: HQ's feed page did not verify: {e}") from e
         hq_time_ms = physical_ms(opened.header["time"])
         self._learn_time(hq_time_ms, local_ms)
-        return FeedPage(changes, next_cursor, more, hq_time_ms)
+        return FeedPage(changes, next_cursor, more, hq_time_ms, groups)
 
 
 async def enroll(
@@ -226,6 +232,7 @@ async def enroll(
             node_id=str(answer["node_id"]),
             hq_node_id=str(answer["hq_node_id"]),
             hq_public_key=unb64(str(answer["hq_public_key"]), "hq_public_key"),
+            groups=tuple(str(g) for g in answer.get("groups", ())),
         )
     except (KeyError, TypeError, ProtocolError) as e:
         raise RejectedError(f"enroll: malformed answer from HQ: {e}") from e

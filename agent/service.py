@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from agent import review
 from agent.backoff import Backoff
 from agent.batcher import Batcher
 from agent.capture.api import create_app
@@ -24,8 +26,10 @@ from agent.config import AgentConfig
 from agent.enrolment import Enrolment
 from agent.forwarder import Forwarder
 from agent.hqclient import HQClient
-from agent.store import AgentStore
+from agent.store import AgentStore, Write
+from protocol.collections import load_collections
 from protocol.identity import NodeIdentity
+from protocol.merge import field_policies
 
 log = logging.getLogger("fieldsync.agent")
 SHUTDOWN_TIMEOUT_S = 20.0
@@ -88,7 +92,11 @@ def load_identity(config: AgentConfig) -> NodeIdentity:
 async def open_agent(config: AgentConfig) -> AsyncIterator[Agent]:
     identity = load_identity(config)
     enrolment = Enrolment.load(config.enrolment_path) if config.enrolment_path.exists() else None
-    store = await AgentStore.open(config.db_path, identity.node_id)
+    collections = config.agent.collections_file
+    policies = field_policies(load_collections(collections) if collections else None)
+    store = await AgentStore.open(config.db_path, identity.node_id, policies)
+    if enrolment is not None and enrolment.groups and (await store.meta())["groups"] == "[]":
+        await store.set_meta(groups=json.dumps(list(enrolment.groups)))
     store.clock.max_drift_ms = int(config.sync.max_clock_drift_s * 1000)
     try:
         yield Agent(config, identity, enrolment, store)
@@ -96,10 +104,19 @@ async def open_agent(config: AgentConfig) -> AsyncIterator[Agent]:
         await store.close()
 
 
+def partial_check(validator: EdgeValidator | None) -> Callable[[Write], Sequence[object]] | None:
+    """The edge validator's check of the fields a write carries (for conflict resolutions)."""
+    if validator is None:
+        return None
+    return lambda write: validator.check(write, partial=True)
+
+
 async def _serve_api(agent: Agent, stop: asyncio.Event) -> None:
     host, _, port = agent.config.agent.listen.rpartition(":")
     validator = EdgeValidator.for_agent(agent.config, agent.store.clock.physical)
-    runner = web.AppRunner(create_app(agent.store, agent.config, validator), access_log=None)
+    app = create_app(agent.store, agent.config, validator)
+    review.add_routes(app, agent.store, partial_check(validator))
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host.strip("[]"), int(port))
