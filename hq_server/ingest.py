@@ -120,6 +120,12 @@ def validate_batch(header: dict[str, Any], changes: list[Change]) -> list[Change
             )
         if not 0 < change.hlc <= MAX_HLC or not 0 <= change.parent <= MAX_HLC:
             raise CorruptMessage(f"change {change.seq}: timestamp or parent out of range")
+        if change.parent >= change.hlc:
+            # A write comes after the version its writer saw; the conflict rules rely on it.
+            raise CorruptMessage(
+                f"change {change.seq}: parent {change.parent} is not below its timestamp "
+                f"{change.hlc}"
+            )
         if not change.collection or not change.key:
             raise CorruptMessage(f"change {change.seq}: collection and key must not be empty")
         for value in change.fields.values():

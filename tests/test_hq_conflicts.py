@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hq_fixtures import DAY_MS, FakeWall
+from hq_fixtures import DAY_MS, FakeWall, running_hq, seal_batch
 
 from hq_server.store import SQLiteHQStore, StoreError
 from protocol.change import Change
 from protocol.collections import load_collections
-from protocol.hlc import pack, physical_ms
+from protocol.hlc import pack, physical_ms, system_ms
 from protocol.identity import NodeIdentity
 from protocol.merge import field_policies
 
@@ -273,3 +273,72 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
         assert record is not None and record.data == {"a": 1} and record.state.heads == {}
         node = await Node.enrol(store, "n", groups=("x",))
         assert (await store.get_node(node.id)).groups == ("group:x",)  # type: ignore[union-attr]
+
+
+async def test_through_the_server_a_fast_clock_is_flagged_and_bounded(tmp_path: Path) -> None:
+    """Real HQ server, sealed batches: the node whose clock runs two years ahead is flagged, and
+    its edit -- made before the other node's, by real time -- does not override the newer one."""
+    async with running_hq(tmp_path, collections_file=str(EXAMPLE)) as hq:
+        good, ahead = await hq.enroll(name="good"), await hq.enroll(name="ahead")
+        now = system_ms()
+        base = Change(
+            "beneficiaries",
+            "B1",
+            "upsert",
+            {"given_name": "Amina"},
+            pack(now - 60_000),
+            0,
+            good.node_id,
+            1,
+        )
+        assert await hq.acked(await hq.post(seal_batch(good, 1, [base]))) == 1
+        skew = 2 * YEAR_MS
+        early = Change(
+            "beneficiaries",
+            "B1",
+            "upsert",
+            {"given_name": "Older edit"},
+            pack(now - 20_000 + skew),
+            base.hlc,
+            ahead.node_id,
+            1,
+        )
+        newer = Change(
+            "beneficiaries",
+            "B1",
+            "upsert",
+            {"given_name": "Newer edit"},
+            pack(now - 5_000),
+            base.hlc,
+            good.node_id,
+            2,
+        )
+        assert await hq.acked(await hq.post(seal_batch(good, 2, [newer]))) == 2
+        sealed = seal_batch(ahead, 1, [early], time=pack(system_ms() + skew))
+        assert await hq.acked(await hq.post(sealed)) == 1
+        record = await hq.store.get_record("beneficiaries", "B1")
+        assert record is not None and record.data["given_name"] == "Newer edit"
+        node = await hq.store.get_node(ahead.node_id)
+        assert node is not None and node.flagged_reason and "ahead" in node.flagged_reason
+        # The correction reaches the fast node too: HQ's own change in its feed.
+        page = await hq.store.feed(ahead.node_id, 0, 100, max_bytes=1 << 20)
+        assert [c.fields for c in page.changes if c.origin not in (good.node_id,)] == [
+            {"given_name": "Newer edit"}
+        ]
+
+
+@pytest.mark.parametrize("parent_offset", [0, 1])
+async def test_a_change_whose_parent_is_not_below_its_stamp_is_refused(
+    tmp_path: Path, parent_offset: int
+) -> None:
+    """The conflict rules order writes by "W saw V" (W.parent >= V.hlc): a change that claims to
+    have seen itself would break that order, so ingest refuses it and changes nothing."""
+    async with running_hq(tmp_path) as hq:
+        node = await hq.enroll()
+        stamp = pack(system_ms())
+        bad = Change("c", "k", "upsert", {"a": 1}, stamp, stamp + parent_offset, node.node_id, 1)
+        before = hq.snapshot()
+        response = await hq.post(seal_batch(node, 1, [bad]))
+        assert response.status == 400
+        assert "parent" in (await response.json())["message"]
+        assert hq.snapshot() == before
