@@ -32,14 +32,12 @@ def fold(summary: Summary, records: list[dict[str, Any]], node: str) -> dict[str
     return held
 
 
-def independent_totals(records: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], Any]:
-    """(site, day, item, unit) -> [lines, exact quantity, largest], without protocol.summary."""
-    out: dict[tuple[str, str, str, str], list[Any]] = defaultdict(
-        lambda: [0, Decimal(0), Decimal("-1")]
-    )
+def independent_totals(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], Any]:
+    """(site, day, unit) -> [lines, exact quantity, largest], without protocol.summary."""
+    out: dict[tuple[str, str, str], list[Any]] = defaultdict(lambda: [0, Decimal(0), Decimal("-1")])
     for r in records:
         for line in r["items"]:
-            entry = out[(r["site"], r["distribution_date"], line["item"], line["unit"])]
+            entry = out[(r["site"], r["distribution_date"], line["unit"])]
             quantity = Decimal(str(line["quantity"]))
             entry[0] += 1
             entry[1] += quantity
@@ -51,7 +49,7 @@ def test_example_summary_matches_independent_totals() -> None:
     records = list(distributions(3000, seed=5))
     held = fold(SUMMARY, records, "node-a")
     got = {
-        (v["site"], v["window_start"], v["item"], v["unit"]): (
+        (v["site"], v["window_start"], v["unit"]): (
             v["lines"],
             Decimal(v["quantity"]),
             Decimal(v["largest"]),
@@ -78,11 +76,11 @@ def test_order_and_nodes_do_not_change_the_totals(seed: int, count: int) -> None
     merged: dict[tuple[Any, ...], list[Any]] = defaultdict(lambda: [0, Decimal(0)])
     for part in parts:
         for v in part.values():
-            key = (v["site"], v["window_start"], v["item"], v["unit"])
+            key = (v["site"], v["window_start"], v["unit"])
             merged[key][0] += v["lines"]
             merged[key][1] += Decimal(v["quantity"])
     expected = {
-        (v["site"], v["window_start"], v["item"], v["unit"]): [v["lines"], Decimal(v["quantity"])]
+        (v["site"], v["window_start"], v["unit"]): [v["lines"], Decimal(v["quantity"])]
         for v in whole.values()
     }
     assert dict(merged) == expected
