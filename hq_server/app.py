@@ -1,7 +1,8 @@
 """HQ's HTTP API (aiohttp): routes per `protocol.transport`, error mapping, request logs, runner.
 
 Error contract: every refusal is JSON `{"error": code, "message": text}` with the status of the
-`ProtocolError` raised (400/401/403/413), 409 `{"error": "gap", "expected": N}` for a sequence gap,
+`ProtocolError` raised (400/401/403/404/409/413; the admin API in `hq_server.admin_api` raises
+them too), 409 `{"error": "gap", "expected": N}` for a sequence gap,
 415 for a batch sent with another content type, 503 `{"error": "unavailable"}` when the store fails
 (disk full: nothing was committed, retry later), and `{"error": "internal"}` with status 500 for
 anything unexpected. Tracebacks go to HQ's log, never to the client. Each request ends in exactly one
@@ -25,6 +26,7 @@ import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from hq_server.admin_api import AdminAPI
 from hq_server.config import HQConfig, HQSection
 from hq_server.feed import FeedService, authenticate
 from hq_server.ingest import Ingestor, peek_signer
@@ -306,6 +308,34 @@ async def _health(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+def hq_store(
+    section: HQSection,
+    identity: NodeIdentity | None,
+    *,
+    wall: Callable[[], int] = system_ms,
+    create: bool = True,
+) -> SQLiteHQStore:
+    """HQ's store (not yet opened) as the server uses it: the collections' conflict policies,
+    HQ's node id as the origin of the changes HQ writes (resolutions, corrections) and the clock
+    bound. The server and `fieldsync-hq` open it only through here, so a conflict resolved from
+    the command line is written exactly as the server would write it.
+
+    `identity` None (HQ's key does not exist yet): the store reads, but cannot author changes.
+    ConfigError if hq.collections_file cannot be loaded.
+    """
+    policies = field_policies(
+        load_collections(section.collections_file) if section.collections_file else None
+    )
+    return SQLiteHQStore(
+        section.db_path,
+        wall=wall,
+        create=create,
+        policies=policies,
+        origin=identity.node_id if identity is not None else "",
+        max_ahead_ms=section.max_clock_ahead_s * 1000,
+    )
+
+
 def create_app(config: HQConfig, *, wall: Callable[[], int] = system_ms) -> web.Application:
     """The HQ application. Store, key and clock are opened at startup and closed at cleanup.
 
@@ -318,16 +348,7 @@ def create_app(config: HQConfig, *, wall: Callable[[], int] = system_ms) -> web.
         section = config.hq
         routes = load_routes(section.routes_file) if section.routes_file else None
         identity = await asyncio.to_thread(load_or_create_identity, section.key_path)
-        policies = field_policies(
-            load_collections(section.collections_file) if section.collections_file else None
-        )
-        store = SQLiteHQStore(
-            section.db_path,
-            wall=wall,
-            policies=policies,
-            origin=identity.node_id,
-            max_ahead_ms=section.max_clock_ahead_s * 1000,
-        )
+        store = hq_store(section, identity, wall=wall)
         await store.open()
         clock = HybridClock(wall, max_drift_ms=section.max_clock_ahead_s * 1000)
         try:
@@ -381,6 +402,7 @@ def create_app(config: HQConfig, *, wall: Callable[[], int] = system_ms) -> web.
     app.router.add_get(CHANGES_PATH, _get_changes)
     app.router.add_post(ENROLL_PATH, _enroll)
     app.router.add_get(HEALTH_PATH, _health)
+    AdminAPI(lambda: app[STATE].store, _note).register(app)
     return app
 
 

@@ -20,7 +20,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from hq_server.app import ServeError, serve
+from hq_server.admin_api import conflict_json, iso_time, node_names, parse_json, side_value
+from hq_server.app import ServeError, hq_store, serve
 from hq_server.config import HQConfig, load_config
 from hq_server.keys import HQKeyError
 from hq_server.logs import setup_logging
@@ -28,13 +29,23 @@ from hq_server.routing.config import RoutesConfig, load_routes
 from hq_server.routing.mapping import MappingError
 from hq_server.routing.router import describe, map_change
 from hq_server.routing.state import RouterStore, RouteState, SourceChange
-from hq_server.store import Node, SQLiteHQStore, StoreError
+from hq_server.store import (
+    ConflictEntry,
+    ConflictNotOpen,
+    Node,
+    SQLiteHQStore,
+    StoreError,
+    check_groups,
+)
 from protocol.config import ConfigError
+from protocol.identity import NodeIdentity
 from protocol.transport import b64
 
 T = TypeVar("T")
 READY_PREFIX = "fieldsync-hq listening on "
-_NODE_COLUMNS = ("NAME", "NODE ID", "ENROLLED", "LAST CONTACT", "ACKED", "FLAGGED", "REVOKED")
+_NODE_COLUMNS = (
+    "NAME", "NODE ID", "GROUPS", "ENROLLED", "LAST CONTACT", "ACKED", "REVOKED", "FLAGGED"
+)  # fmt: skip
 
 config_option = click.option(
     "--config",
@@ -66,11 +77,34 @@ def _actor() -> str:
         return f"cli:uid={os.getuid()}"
 
 
-def _with_store(config: HQConfig, work: Callable[[SQLiteHQStore], Awaitable[T]]) -> T:
-    """Run `work` against the existing store; StoreError becomes one line on stderr, exit 1."""
+def _open_store(config: HQConfig) -> SQLiteHQStore:
+    """The existing store, opened as the server opens it (`hq_server.app.hq_store`): HQ's node id
+    and the collections' policies, so what the CLI writes is what the server would write. Before
+    HQ's first start there is no key yet: the store then reads but cannot author changes."""
+    key_path = config.hq.key_path
+    identity = None
+    if key_path.exists():
+        try:
+            identity = NodeIdentity.load(key_path)
+        except (OSError, ValueError, TypeError) as e:
+            _fail(f"HQ key {key_path}: {e}")
+    try:
+        return hq_store(config.hq, identity, create=False)
+    except ConfigError as e:
+        _fail(str(e), 2)
+
+
+def _with_store(
+    config: HQConfig,
+    work: Callable[[SQLiteHQStore], Awaitable[T]],
+    store: SQLiteHQStore | None = None,
+) -> T:
+    """Run `work` against the existing store (`store`, if already made by `_open_store`);
+    StoreError becomes one line on stderr, exit 1."""
+    store = _open_store(config) if store is None else store
 
     async def run() -> T:
-        async with SQLiteHQStore(config.hq.db_path, create=False) as store:
+        async with store:
             return await work(store)
 
     try:
@@ -85,10 +119,7 @@ def _when(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
 
 
-def _iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+_iso = iso_time
 
 
 @click.group()
@@ -139,6 +170,7 @@ def _node_json(node: Node) -> dict[str, Any]:
         "clock_offset_ms": node.clock_offset_ms,
         "flagged_reason": node.flagged_reason,
         "revoked_at": _iso(node.revoked_at),
+        "groups": list(node.groups),
     }
 
 
@@ -154,7 +186,7 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON array with every field.")
 def nodes_command(config_path: Path, as_json: bool) -> None:
-    """List enrolled nodes: contact, high-water mark, clock flags, revocation."""
+    """List enrolled nodes: groups, contact, high-water mark, revocation, why a node is flagged."""
     config = _load(config_path)
     nodes = _with_store(config, lambda store: store.list_nodes())
     if as_json:
@@ -164,11 +196,12 @@ def nodes_command(config_path: Path, as_json: bool) -> None:
         (
             n.name,
             n.node_id,
+            _groups(n.groups),
             _when(n.enrolled_at),
             _when(n.last_contact),
             str(n.acked_through),
-            "yes" if n.flagged_reason else "-",
             _when(n.revoked_at),
+            n.flagged_reason or "-",
         )
         for n in nodes
     ]
@@ -189,17 +222,38 @@ def token_group() -> None:
     default=None,
     help="Lifetime in hours (default: hq.token_ttl_hours).",
 )
-def token_create(config_path: Path, node_name: str, ttl_hours: float | None) -> None:
+@click.option(
+    "--group",
+    "groups",
+    multiple=True,
+    help="Node group the enrolled node joins (repeatable): what it owns and reviews.",
+)
+def token_create(
+    config_path: Path, node_name: str, ttl_hours: float | None, groups: tuple[str, ...]
+) -> None:
     """Issue a one-time enrolment token; prints only the token (it is not stored, only its hash)."""
     config = _load(config_path)
     if not node_name.strip():
         _fail("--node must not be empty", 2)
+    chosen = _check_groups(groups, "--group")
     hours = ttl_hours if ttl_hours is not None else config.hq.token_ttl_hours
     ttl_ms = max(1, round(hours * 3_600_000))
     issued = _with_store(
-        config, lambda store: store.create_token(node_name, ttl_ms, actor=_actor())
+        config,
+        lambda store: store.create_token(node_name, ttl_ms, actor=_actor(), groups=chosen),
     )
     click.echo(issued.token)
+
+
+def _check_groups(groups: Sequence[str], option: str) -> tuple[str, ...]:
+    try:
+        return check_groups(groups)
+    except StoreError as e:
+        _fail(f"{option}: {e}", 2)
+
+
+def _groups(groups: Sequence[str]) -> str:
+    return ",".join(groups) or "-"
 
 
 @main.group("node")
@@ -225,6 +279,35 @@ def node_revoke(config_path: Path, node: str) -> None:
         click.echo(
             f"already revoked {revoked.name} ({revoked.node_id}) at {_when(revoked.revoked_at)}"
         )
+
+
+@node_group.command("groups")
+@config_option
+@click.argument("node")
+@click.option(
+    "--set",
+    "new_groups",
+    multiple=True,
+    help="Replace the node's groups with these (repeatable); without it, show them.",
+)
+@click.option("--clear", is_flag=True, help="Remove the node from every group.")
+def node_groups(config_path: Path, node: str, new_groups: tuple[str, ...], clear: bool) -> None:
+    """Show or replace the groups of NODE (node id, or name of a single node). Groups decide who
+    writes source_of_truth fields and who reviews conflicts offline; the node learns them at its
+    next contact. Changes are audited."""
+    config = _load(config_path)
+    if clear and new_groups:
+        _fail("give --set GROUP ... or --clear, not both", 2)
+    chosen = _check_groups(new_groups, "--set")
+
+    async def work(store: SQLiteHQStore) -> Node:
+        found = await store.find_node(node)
+        if not (clear or chosen):
+            return found
+        return await store.set_groups(found.node_id, chosen, actor=_actor())
+
+    changed = _with_store(config, work)
+    click.echo(f"{changed.name} ({changed.node_id}): {_groups(changed.groups)}")
 
 
 @main.command("records")
@@ -278,6 +361,247 @@ def audit_command(config_path: Path, verify: bool) -> None:
             "detail": entry.detail,
         }
         click.echo(json.dumps(line, ensure_ascii=False))
+
+
+# -- the conflict queue
+
+
+@main.group("conflicts")
+def conflicts_group() -> None:
+    """The conflict queue: review conflicts waiting for a person (open), and the log of settled
+    ones (resolved; auto for lww losers, reverted source_of_truth writes, clock-bounded stamps)."""
+
+
+def _value(value: Any, width: int = 0) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if not width or len(text) <= width else text[: width - 3] + "..."
+
+
+def _who(item: dict[str, Any]) -> str:
+    """`node name, when` of a side, ancestor or resolution as conflict_json gives it."""
+    when = item["at"][:19].replace("T", " ") + "Z" if item.get("at") else ""
+    return ", ".join(x for x in (item.get("node") or item.get("origin", "?"), when) if x)
+
+
+@conflicts_group.command("list")
+@config_option
+@click.option(
+    "--status",
+    type=click.Choice(["open", "resolved", "auto", "all"]),
+    default=None,
+    help="Which conflicts (default: open).",
+)
+@click.option("--all", "every", is_flag=True, help="Every status: the whole conflict log.")
+@click.option("--collection", help="Only this collection.")
+@click.option("--after", type=click.IntRange(min=0), default=0, help="Only ids above this.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def conflicts_list(
+    config_path: Path,
+    status: str | None,
+    every: bool,
+    collection: str | None,
+    after: int,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List conflicts by id: the field, both sides (value, node, time), who may review it."""
+    config = _load(config_path)
+    if every and status not in (None, "all"):
+        _fail("give --all or --status, not both", 2)
+    wanted = None if every or status == "all" else status or "open"
+
+    async def work(store: SQLiteHQStore) -> tuple[list[ConflictEntry], dict[str, str]]:
+        entries = await store.list_conflicts(
+            status=wanted, collection=collection, after_id=after, limit=limit + 1
+        )
+        return entries, await node_names(store)
+
+    entries, names = _with_store(config, work)
+    more = len(entries) > limit
+    docs = [conflict_json(e, names) for e in entries[:limit]]
+    if as_json:
+        for doc in docs:
+            click.echo(json.dumps(doc, ensure_ascii=False))
+    else:
+        rows = [["ID", "COLLECTION", "KEY", "FIELD", "POLICY", "STATUS", "REVIEWER", "SIDES"]]
+        rows += [
+            [
+                str(d["id"]),
+                d["collection"],
+                d["key"],
+                d["field"],
+                d["policy"],
+                d["status"],
+                d["reviewer"] or "HQ",
+                "  |  ".join(
+                    f"{s['side']}: {_value(s['value'], 24)} ({_who(s)})" for s in d["sides"]
+                ),
+            ]
+            for d in docs
+        ]
+        click.echo(_table(rows))
+    if more:
+        click.echo(f"more conflicts follow: --after {docs[-1]['id']} for the next page", err=True)
+
+
+@conflicts_group.command("show")
+@config_option
+@click.argument("conflict_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def conflicts_show(config_path: Path, conflict_id: int, as_json: bool) -> None:
+    """Everything about one conflict: both sides, the common ancestor, the resolution."""
+    config = _load(config_path)
+
+    async def work(store: SQLiteHQStore) -> dict[str, Any]:
+        return conflict_json(await store.get_conflict(conflict_id), await node_names(store))
+
+    doc = _with_store(config, work)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+        return
+    click.echo(f"conflict {doc['id']}: {doc['collection']}/{doc['key']} field {doc['field']}")
+    click.echo(
+        f"policy {doc['policy']}, status {doc['status']}, opened {_when_iso(doc['opened_at'])}"
+        + (f", closed {_when_iso(doc['closed_at'])}" if doc["closed_at"] else "")
+    )
+    click.echo(f"reviewer: {doc['reviewer'] or 'HQ only'}")
+    if doc["note"]:
+        click.echo(f"note: {doc['note']}")
+    ancestor = doc["ancestor"]
+    if ancestor is None:
+        click.echo("ancestor: none (the sides did not start from a common value)")
+    else:
+        click.echo(f"ancestor: {_value(ancestor['value'])} ({_who(ancestor)})")
+    for side in doc["sides"]:
+        click.echo(
+            f"side {side['side']}: {_value(side['value'])} ({_who(side)}; node {side['origin']})"
+        )
+    resolution = doc["resolution"]
+    if resolution is not None:
+        by = f" by {resolution['by']}" if resolution.get("by") else ""
+        note = f" ({resolution['note']})" if resolution.get("note") else ""
+        source = resolution.get("node") or resolution.get("origin")
+        click.echo(
+            f"resolution: {_value(resolution.get('value'))}{by}{note}; "
+            f"change {resolution.get('seq')} of {source}"
+        )
+
+
+class _BadTake(Exception):
+    """--take names a side the conflict does not have (bad usage: nothing changed)."""
+
+
+def _when_iso(text: str | None) -> str:
+    return "-" if text is None else text[:19].replace("T", " ") + "Z"
+
+
+@conflicts_group.command("resolve")
+@config_option
+@click.argument("conflict_id", type=int)
+@click.option("--value", "value_text", help='The value to keep, as JSON (5, "text", null).')
+@click.option("--take", type=int, help="Keep side N's value (numbered as `conflicts show` does).")
+@click.option("--note", default="", help="Why (kept with the resolution and in the audit log).")
+def conflicts_resolve(
+    config_path: Path, conflict_id: int, value_text: str | None, take: int | None, note: str
+) -> None:
+    """Settle an open conflict: HQ writes the chosen value as a new change that covers every
+    side, so the conflict closes here and on every node that receives it. Audited."""
+    config = _load(config_path)
+    if (value_text is None) == (take is None):
+        _fail("give --value JSON or --take N (exactly one)", 2)
+    value: Any = None
+    if value_text is not None:
+        try:
+            value = parse_json(value_text)
+        except ValueError as e:
+            _fail(f"--value is not JSON ({e}); quote text as JSON, e.g. --value '\"text\"'", 2)
+
+    store = _open_store(config)
+    if not store.origin:
+        _fail(
+            f"HQ's key {config.hq.key_path} does not exist yet, so HQ cannot write the "
+            "resolution: start `fieldsync-hq serve` once first"
+        )
+
+    async def work(store: SQLiteHQStore) -> tuple[ConflictEntry, dict[str, str]]:
+        chosen = value
+        if take is not None:
+            entry = await store.get_conflict(conflict_id)
+            if entry.status != "open":
+                raise ConflictNotOpen(
+                    f"conflict {conflict_id} is {entry.status}, not open: nothing to resolve"
+                )
+            try:
+                chosen = side_value(entry, take)
+            except ValueError as e:
+                raise _BadTake(f"--take {take}: {e}") from e
+        done = await store.resolve_conflict(conflict_id, chosen, actor=_actor(), note=note)
+        return done, await node_names(store)
+
+    try:
+        done, names = _with_store(config, work, store)
+    except _BadTake as e:
+        _fail(str(e), 2)
+    doc = conflict_json(done, names)
+    resolution = doc["resolution"] or {}
+    click.echo(
+        f"resolved conflict {doc['id']}: {doc['collection']}/{doc['key']} {doc['field']} = "
+        f"{_value(resolution.get('value'))} (HQ change {resolution.get('seq')}, sent to every "
+        "node)"
+    )
+
+
+# -- admin API tokens
+
+
+@main.group("api-token")
+def api_token_group() -> None:
+    """Bearer tokens for HQ's admin API (/v1/admin/...)."""
+
+
+@api_token_group.command("create")
+@config_option
+@click.argument("name")
+def api_token_create(config_path: Path, name: str) -> None:
+    """Issue an admin-API token called NAME; prints only the token, which is shown this once
+    (only its hash is stored). What the token does is audited as api:NAME."""
+    config = _load(config_path)
+    issued = _with_store(config, lambda store: store.create_api_token(name, actor=_actor()))
+    click.echo(issued.token)
+
+
+@api_token_group.command("revoke")
+@config_option
+@click.argument("name")
+def api_token_revoke(config_path: Path, name: str) -> None:
+    """Revoke the admin-API token NAME: its requests are refused (401) from now on. Audited."""
+    config = _load(config_path)
+    changed = _with_store(config, lambda store: store.revoke_api_token(name, actor=_actor()))
+    click.echo(f"revoked API token {name}" if changed else f"API token {name} was already revoked")
+
+
+@api_token_group.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON array.")
+def api_token_list(config_path: Path, as_json: bool) -> None:
+    """List admin-API tokens (names and dates; the tokens themselves are not stored)."""
+    tokens = _with_store(_load(config_path), lambda store: store.list_api_tokens())
+    docs = [
+        {
+            "name": t.name,
+            "created_at": _iso(t.created_at),
+            "created_by": t.created_by,
+            "revoked_at": _iso(t.revoked_at),
+        }
+        for t in tokens
+    ]
+    if as_json:
+        click.echo(json.dumps(docs, indent=2, ensure_ascii=False))
+        return
+    rows = [["NAME", "CREATED", "CREATED BY", "REVOKED"]]
+    rows += [[t.name, _when(t.created_at), t.created_by, _when(t.revoked_at)] for t in tokens]
+    click.echo(_table(rows))
 
 
 # -- routes and the dead-letter queue

@@ -22,7 +22,10 @@ Error hierarchy::
     ├── AmbiguousNode        a name matches several nodes; use the node id
     ├── NodeRevoked          the node was revoked (e.g. between key lookup and ingest)
     ├── EnrollmentRefused    token unknown, used or expired, or the key was revoked (`.code`)
-    └── UnstorableChange     a change's values cannot be stored (not JSON-compatible)
+    ├── UnstorableChange     a change's values cannot be stored (not JSON-compatible)
+    ├── ConflictNotFound     no conflict with this id
+    ├── ConflictNotOpen      the conflict is already resolved (or was logged as settled)
+    └── ApiTokenNotFound     no API token with this name
 """
 
 from __future__ import annotations
@@ -148,6 +151,18 @@ CREATE TABLE IF NOT EXISTS batch_digests (
     digest BLOB NOT NULL,
     PRIMARY KEY (node_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS api_tokens (
+    -- Bearer tokens of the admin API (/v1/admin/...). Only the SHA-256 of a token is kept; a
+    -- revoked token stays listed, and its name may be given to a new token.
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    revoked_at INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS api_tokens_active ON api_tokens (name)
+    WHERE revoked_at IS NULL;
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at INTEGER NOT NULL,
@@ -348,6 +363,39 @@ class ConflictNotFound(StoreError):
     pass
 
 
+class ConflictNotOpen(StoreError):
+    pass
+
+
+class ApiTokenNotFound(StoreError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """An admin-API token as stored (never the token itself)."""
+
+    name: str
+    created_at: int
+    created_by: str
+    revoked_at: int | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    @property
+    def actor(self) -> str:
+        """Who the audit log names for what the token does."""
+        return f"api:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedApiToken:
+    token: str  # shown once; only its SHA-256 is stored
+    name: str
+
+
 @dataclass(frozen=True, slots=True)
 class IssuedToken:
     token: str  # shown once; only its SHA-256 is stored
@@ -366,6 +414,8 @@ class AuditEntry:
 
 
 GROUP = re.compile(r"group:[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+API_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+API_TOKEN_PREFIX = "fsa_"  # recognisable in a leaked file or a secret scanner
 
 
 def check_groups(groups: Sequence[str]) -> tuple[str, ...]:
@@ -396,6 +446,8 @@ def _audit_hash(prev: str, at: int, actor: str, action: str, detail: str) -> str
 
 class HQStore(Protocol):
     """Everything HQ keeps. Implementations must pass tests/test_hq_store.py."""
+
+    origin: str  # HQ's node id: the origin of the changes HQ writes ("" if it writes none)
 
     async def open(self) -> None:
         """Create or migrate the schema and get ready; StoreError if the store is unusable."""
@@ -498,6 +550,46 @@ class HQStore(Protocol):
 
     async def set_meta(self, key: str, value: str) -> None:
         """Set a small persistent setting."""
+
+    async def set_groups(self, node_id: str, groups: Sequence[str], *, actor: str) -> Node:
+        """Replace a node's groups (normalised by `check_groups`); audited. NodeNotFound if
+        unknown; StoreError naming the bad group, and nothing changed, if one is malformed."""
+
+    async def list_conflicts(
+        self,
+        *,
+        status: str | None = "open",
+        collection: str | None = None,
+        after_id: int = 0,
+        limit: int = 100,
+    ) -> list[ConflictEntry]:
+        """Conflicts with id > `after_id`, by id, at most `limit`; `status` None: any status."""
+
+    async def get_conflict(self, conflict_id: int) -> ConflictEntry:
+        """One conflict; ConflictNotFound if there is none with this id."""
+
+    async def resolve_conflict(
+        self, conflict_id: int, value: Any, *, actor: str, note: str = ""
+    ) -> ConflictEntry:
+        """Settle an open review conflict with `value`, written by HQ as a change covering every
+        side; audited as conflict.resolve. Nothing changes on error: ConflictNotFound if
+        unknown, ConflictNotOpen if not open, UnstorableChange if the value cannot be stored."""
+
+    async def create_api_token(self, name: str, *, actor: str) -> IssuedApiToken:
+        """Issue an admin-API token named `name` (letters, digits, '_', '.', '-'); audited as
+        api_token.create. Only its SHA-256 is stored. StoreError if the name is malformed or an
+        active token already has it."""
+
+    async def revoke_api_token(self, name: str, *, actor: str) -> bool:
+        """Revoke the active token named `name`; audited as api_token.revoke. Idempotent: False
+        if it was already revoked. ApiTokenNotFound if no token ever had this name."""
+
+    async def list_api_tokens(self) -> list[ApiToken]:
+        """Every API token ever issued (revoked ones too), by name then creation."""
+
+    async def check_api_token(self, token: str) -> ApiToken | None:
+        """The active token whose hash matches `token`; None for an unknown or revoked one.
+        Looked up by hash, so the comparison leaks nothing about stored tokens."""
 
 
 # ------------------------------------------------------------------------------ implementation
@@ -1224,7 +1316,7 @@ class SQLiteHQStore:
                 raise ConflictNotFound(f"no conflict {conflict_id}")
             collection, key, name, status = next(iter(rows))
             if status != "open":
-                raise StoreError(
+                raise ConflictNotOpen(
                     f"conflict {conflict_id} is {status}, not open: nothing to resolve"
                 )
             probe = Change(collection, key, "upsert", {}, 1, 0, self.origin, 0)
@@ -1234,7 +1326,7 @@ class SQLiteHQStore:
             try:
                 _dumps(value)
             except (TypeError, ValueError, OverflowError) as e:
-                raise StoreError(f"resolution value cannot be stored: {e}") from e
+                raise UnstorableChange(f"resolution value cannot be stored: {e}") from e
             await self._apply(conn, [change], now, HQ_WRITER)
             by = {"by": actor, "note": note}
             await conn.execute(
@@ -1321,3 +1413,63 @@ class SQLiteHQStore:
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+    # -- admin API tokens
+
+    async def create_api_token(self, name: str, *, actor: str) -> IssuedApiToken:
+        if API_TOKEN_NAME.fullmatch(name) is None:
+            raise StoreError(
+                f"API token name {name!r}: use letters, digits, '_', '.' or '-' (at most 64)"
+            )
+        token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        digest = token_hash(token)
+        async with self._transaction("create API token") as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT 1 FROM api_tokens WHERE name = ? AND revoked_at IS NULL", (name,)
+            )
+            if rows:
+                raise StoreError(
+                    f"an active API token is already named {name!r}: revoke it first, "
+                    "or choose another name"
+                )
+            await conn.execute(
+                "INSERT INTO api_tokens(name, token_hash, created_at, created_by) "
+                "VALUES (?, ?, ?, ?)",
+                (name, digest, self._wall(), actor),
+            )
+            await self._audit(conn, actor, "api_token.create", {"name": name, "id": digest[:12]})
+        return IssuedApiToken(token, name)
+
+    async def revoke_api_token(self, name: str, *, actor: str) -> bool:
+        async with self._transaction("revoke API token") as conn:
+            cursor = await conn.execute(
+                "UPDATE api_tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL "
+                "RETURNING token_hash",
+                (self._wall(), name),
+            )
+            revoked = list(await cursor.fetchall())
+            await cursor.close()
+            if not revoked:
+                rows = await conn.execute_fetchall(
+                    "SELECT 1 FROM api_tokens WHERE name = ? LIMIT 1", (name,)
+                )
+                if not rows:
+                    raise ApiTokenNotFound(f"no API token named {name!r}")
+                return False
+            detail = {"name": name, "id": revoked[0][0][:12]}
+            await self._audit(conn, actor, "api_token.revoke", detail)
+        return True
+
+    async def list_api_tokens(self) -> list[ApiToken]:
+        rows = await self._read(
+            "SELECT name, created_at, created_by, revoked_at FROM api_tokens ORDER BY name, id"
+        )
+        return [ApiToken(*row) for row in rows]
+
+    async def check_api_token(self, token: str) -> ApiToken | None:
+        rows = await self._read(
+            "SELECT name, created_at, created_by, revoked_at FROM api_tokens "
+            "WHERE token_hash = ? AND revoked_at IS NULL",
+            (token_hash(token),),
+        )
+        return ApiToken(*rows[0]) if rows else None

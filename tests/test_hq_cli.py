@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,19 +84,35 @@ def test_nodes_table_and_json(tmp_path: Path) -> None:
     create_db(tmp_path)
     empty = cli("nodes", "--config", str(config))
     assert empty.stdout.split() == [
-        "NAME", "NODE", "ID", "ENROLLED", "LAST", "CONTACT", "ACKED", "FLAGGED", "REVOKED"
+        "NAME", "NODE", "ID", "GROUPS", "ENROLLED", "LAST", "CONTACT", "ACKED", "REVOKED",
+        "FLAGGED",
     ]  # fmt: skip
     node = enrol_with_cli_token(tmp_path, config, "field-1")
     table = cli("nodes", "--config", str(config)).stdout.splitlines()
     assert len(table) == 2
     assert table[1].startswith("field-1")
     assert node.node_id in table[1]
-    assert table[1].split()[-3:] == ["1", "-", "-"]  # acked, flagged, revoked
+    assert table[1].split()[2] == "-"  # no groups
+    assert table[1].split()[-3:] == ["1", "-", "-"]  # acked, revoked, flagged
     nodes = json.loads(cli("nodes", "--config", str(config), "--json").stdout)
     assert nodes[0]["node_id"] == node.node_id
     assert nodes[0]["acked_through"] == 1
     assert nodes[0]["revoked_at"] is None
     assert nodes[0]["enrolled_at"].endswith("Z")
+    assert nodes[0]["groups"] == []
+    assert nodes[0]["flagged_reason"] is None
+
+    async def flag() -> None:
+        async with SQLiteHQStore(tmp_path / "data" / "hq.db") as store:
+            await store.flag_node(node.node_id, "clock ahead: 900 s ahead of HQ (limit 300 s)")
+
+    asyncio.run(flag())
+    flagged = cli("nodes", "--config", str(config)).stdout.splitlines()[1]
+    # revoked, flagged: the whole reason
+    assert re.split(r"\s{2,}", flagged)[-2:] == [
+        "-",
+        "clock ahead: 900 s ahead of HQ (limit 300 s)",
+    ]
 
 
 def test_node_revoke_by_name_and_id(tmp_path: Path) -> None:
