@@ -70,15 +70,16 @@ class Batcher:
         return batch
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Seal ahead of the forwarder while HQ answers. While the last sync failed (the link is
-        down) nothing is sealed ahead: the forwarder seals on demand when it can send, so the
-        outbox rows of summary records keep absorbing increments in place (agent.store) instead
-        of going out in several versions the moment the link returns."""
+        """Seal ahead of the forwarder. While the last sync failed (the link is down) and summary
+        records wait in the outbox, nothing is sealed ahead: the forwarder seals on demand when
+        it can send, so those rows keep absorbing increments in place (agent.store) instead of
+        going out in several versions the moment the link returns."""
         while not stop.is_set():
             self.store.changed.clear()
             self.acked.clear()
             try:
-                if (await self.store.meta()).get("last_error"):
+                link_down = bool((await self.store.meta()).get("last_error"))
+                if link_down and await self.store.summaries_open():
                     await wait_any(30.0, stop, self.store.changed, self.acked)
                     continue
                 batch = await self.seal_next()

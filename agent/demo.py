@@ -19,10 +19,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import defaultdict
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from agent import fieldgen
+from protocol.collections import load_collections
 
 DEMO_DIR = Path(".demo")
 EXAMPLE_COLLECTIONS = Path(__file__).resolve().parent.parent / "config" / "collections.example.toml"
@@ -33,6 +36,8 @@ MISTAKE_EVERY = 997
 # ships: two malloc arenas keep the agent's memory flat with its few threads.
 DAEMON_ENV = {**os.environ, "MALLOC_ARENA_MAX": "2"}
 BULK_LINES = 500
+# Distributions happen in rounds: weekly distribution days, so HQ's daily totals per site are few.
+DISTRIBUTION_ROUNDS = 8
 
 
 def _free_port() -> int:
@@ -236,7 +241,7 @@ class Demo:
         routes.write_text(
             "[routes.archive]\n"
             'description = "every field record, as JSONL files"\n'
-            'sources = ["beneficiaries", "distributions"]\n'
+            'sources = ["beneficiaries", "distributions", "distribution_totals"]\n'
             "batch_size = 500\n\n"
             "[routes.archive.sink]\n"
             'type = "files"\n'
@@ -255,6 +260,10 @@ class Demo:
         self.refused = 0
         self.root = root
         self.count = count
+        # With the example collections file, distributions stay on the agent and HQ receives
+        # per-site daily totals (forward = "summary"); these are the totals HQ must end up with.
+        self.summarised = bool(agent_settings) and _summarised()
+        self.expected: dict[tuple[str, str, str], Decimal] = defaultdict(Decimal)
 
     def routed(self) -> int:
         """Lines in the route's export files (finished and in progress)."""
@@ -278,9 +287,17 @@ class Demo:
         started = time.monotonic()
         for collection, count in plan:
             for start in range(0, count, BULK_LINES):
-                records = list(
-                    fieldgen.records(collection, min(BULK_LINES, count - start), start=start)
-                )
+                size = min(BULK_LINES, count - start)
+                if collection == "distributions":
+                    records = list(
+                        fieldgen.distributions(size, start=start, rounds=DISTRIBUTION_ROUNDS)
+                    )
+                    for r in records:
+                        for line in r["items"]:
+                            where = (r["site"], r["distribution_date"], line["unit"])
+                            self.expected[where] += Decimal(str(line["quantity"]))
+                else:
+                    records = list(fieldgen.records(collection, size, start=start))
                 if collection == "beneficiaries":
                     for i, record in enumerate(records, start=start):
                         if i % MISTAKE_EVERY == MISTAKE_EVERY - 1:
@@ -315,6 +332,7 @@ class Demo:
         state = d.wait_drained()
         sync_s = time.monotonic() - started
         at_hq = {c: d.hq_count(c) for c in ("beneficiaries", "distributions")}
+        totals = self.hq_totals() if self.summarised else {}
         wire = state["bytes_sent"]
         print()
         print("fieldsync demo summary")
@@ -329,7 +347,20 @@ class Demo:
         for collection, n in at_hq.items():
             print(f"  records at HQ              {n:,} {collection}")
         stored = records - self.refused
-        routed = self.wait_routed(stored)
+        forwarded = stored
+        totals_ok = True
+        if self.summarised:
+            kept = self.count - self.count // 2
+            forwarded = stored - kept + len(totals)
+            totals_ok = totals == dict(self.expected)
+            print(
+                f"  distributions summarised   {kept:,} kept on the agent; HQ holds "
+                f"{len(totals):,} daily totals per site and unit, "
+                f"{'equal to' if totals_ok else 'DIFFERENT FROM'} the totals of what was recorded"
+            )
+            for (site, day, unit), quantity in sorted(totals.items())[:3]:
+                print(f"                             {day} {site}: {quantity} {unit}")
+        routed = self.wait_routed(forwarded)
         print(f"  routed onward by HQ        {routed:,} records to {self.exports}/")
         if self.refused:
             print(
@@ -338,11 +369,28 @@ class Demo:
                 f"                             {_bin('fieldsync-agent')} errors list "
                 f"--config {d.agent_config}"
             )
-        ok = sum(at_hq.values()) == stored and routed == stored
+        ok = sum(at_hq.values()) == forwarded - len(totals) and routed == forwarded and totals_ok
         print(f"  result                     {'all records at HQ, once' if ok else 'MISMATCH'}")
         print(f"\nData stays in {self.root}/ (HQ: hq/hq.db, agent: agent/agent.db).")
         if not ok:
             raise RuntimeError("HQ does not hold every record")
+
+    def hq_totals(self) -> dict[tuple[str, str, str], Decimal]:
+        """HQ's distribution totals per (site, day, unit): summed over the nodes' summaries."""
+        d = self.deployment
+        out = d.run_cli(
+            _bin("fieldsync-hq"), "records", "--config", str(d.hq_config), "distribution_totals"
+        )
+        totals: dict[tuple[str, str, str], Decimal] = defaultdict(Decimal)
+        for line in out.splitlines():
+            data = json.loads(line)["data"]
+            totals[(data["site"], data["window_start"], data["unit"])] += Decimal(data["quantity"])
+        return dict(totals)
+
+
+def _summarised() -> bool:
+    """True if the example collections file forwards distributions as summaries."""
+    return load_collections(EXAMPLE_COLLECTIONS)["distributions"].forward == "summary"
 
 
 def main() -> int:

@@ -366,7 +366,9 @@ class AgentStore:
         next_seq = int(meta["next_change_seq"])
         # Summary records' outbox rows above this may still be updated in place.
         claimed = max(int(meta["sealed_through"]), int(meta.get("claimed_through", 0)))
-        pending: dict[tuple[str, str], int] = {}  # summary record -> its row in `outbox` below
+        # Summary record -> its unclaimed outbox row (a list, updated in place) and whether the
+        # row is new in this transaction (else it is updated in the table at the end).
+        pending: dict[tuple[str, str], tuple[list[Any], bool]] = {}
         principals = frozenset({f"node:{self.node_id}", *orjson.loads(meta.get("groups", "[]"))})
         self.clock.observe(int(meta["clock_last"]))  # the CLI may write beside the daemon
         states = await _load_states(db, ((w.collection, w.key) for w in writes))
@@ -464,6 +466,8 @@ class AgentStore:
             next_seq += 1
         if dirty:
             await _save_states(db, dirty, self.policies)
+        for row, _ in pending.values():
+            row[4] = msgpack.packb(row[4], use_bin_type=True)
         if outbox:
             await db.executemany(
                 "INSERT INTO outbox (seq, collection, key, op, fields, hlc, parent)"
@@ -473,7 +477,11 @@ class AgentStore:
         if pending:
             await db.executemany(
                 "INSERT OR REPLACE INTO summary_outbox (collection, key, seq) VALUES (?, ?, ?)",
-                [(c, k, outbox[i][0]) for (c, k), i in pending.items()],
+                [(c, k, row[0]) for (c, k), (row, new) in pending.items() if new],
+            )
+            await db.executemany(
+                "UPDATE outbox SET fields = ?, hlc = ? WHERE seq = ?",
+                [(row[4], row[5], row[0]) for row, new in pending.values() if not new],
             )
         if dirty:
             await db.executemany(
@@ -489,7 +497,7 @@ class AgentStore:
         states: dict[tuple[str, str], RecordState],
         dirty: dict[tuple[str, str], RecordState],
         outbox: list[list[Any]],
-        pending: dict[tuple[str, str], int],
+        pending: dict[tuple[str, str], tuple[list[Any], bool]],
         claimed: int,
         next_seq: int,
     ) -> int:
@@ -512,10 +520,8 @@ class AgentStore:
             return next_seq
         state = state or RecordState()
         hlc = max(self.clock.now(), state.version + 1)
-        row: list[Any] | None = None
-        if ident in pending:
-            row = outbox[pending[ident]]
-        else:
+        row: list[Any] | None = pending[ident][0] if ident in pending else None
+        if row is None:
             async with db.execute(
                 "SELECT o.seq, o.collection, o.key, o.op, o.fields, o.hlc, o.parent"
                 " FROM summary_outbox s JOIN outbox o ON o.seq = s.seq"
@@ -525,27 +531,16 @@ class AgentStore:
                 found = await cursor.fetchone()
             if found is not None:
                 row = list(found)
+                row[4] = msgpack.unpackb(row[4], raw=False)  # packed again at commit
+                pending[ident] = (row, False)
         if row is not None:
-            fields = msgpack.unpackb(row[4], raw=False) | changed
-            row[4], row[5] = msgpack.packb(fields, use_bin_type=True), hlc
-            if ident not in pending:
-                await db.execute(
-                    "UPDATE outbox SET fields = ?, hlc = ? WHERE seq = ?", (row[4], hlc, row[0])
-                )
-            parent = int(row[6])
+            fields = row[4] = row[4] | changed
+            row[5] = hlc
         else:
-            fields, parent = changed, state.version
-            pending[ident] = len(outbox)
-            outbox.append(
-                [
-                    next_seq,
-                    *ident,
-                    OPS.index("upsert"),
-                    msgpack.packb(fields, use_bin_type=True),
-                    hlc,
-                    parent,
-                ]
-            )
+            fields = changed
+            row = [next_seq, *ident, OPS.index("upsert"), fields, hlc, state.version]
+            pending[ident] = (row, True)
+            outbox.append(row)
             next_seq += 1
         # Stamped as HQ will stamp them: every field of the (coalesced) change at its HLC.
         apply_change(state, Change(*ident, "upsert", fields, hlc, state.version, self.node_id, 0))
@@ -654,6 +649,14 @@ class AgentStore:
             return rows
 
         return await self._transaction(body)
+
+    async def summaries_open(self) -> bool:
+        """True if a summary record's outbox row can still absorb increments (not yet claimed)."""
+        async with self._reader.execute(
+            "SELECT 1 FROM summary_outbox WHERE seq > (SELECT max(v) FROM meta"
+            " WHERE k IN ('sealed_through', 'claimed_through')) LIMIT 1"
+        ) as cursor:
+            return await cursor.fetchone() is not None
 
     async def add_batch(self, batch: SealedBatch, created_ms: int) -> None:
         """Record a sealed batch and advance `sealed_through`, atomically."""
