@@ -16,7 +16,8 @@ turns the errors below into responses)::
 
     ProtocolError
     ├── Unauthorized   (401) no bearer token, or an unknown or revoked one
-    ├── BadRequest     (400) query parameters or body not as documented; nothing changed
+    ├── BadRequest     (400) query parameters or body not as documented, or a value the
+    │                        field's schema refuses; nothing changed
     ├── NotFound       (404) no conflict with this id
     └── NotOpen        (409) the conflict is already resolved (or was logged as settled)
 
@@ -27,6 +28,7 @@ writing node's id and name and the write's time read from its HLC.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import time
@@ -43,8 +45,10 @@ from hq_server.store import (
     HQStore,
     UnstorableChange,
 )
+from protocol.collections import CollectionsConfig
 from protocol.errors import Oversize, ProtocolError
 from protocol.hlc import physical_ms
+from protocol.validation import validate
 
 PREFIX = "/v1/admin"
 CONFLICTS_PATH = f"{PREFIX}/conflicts"
@@ -140,6 +144,28 @@ def side_value(entry: ConflictEntry, take: int) -> Any:
     return entry.sides[take - 1]["value"]
 
 
+def resolution_problems(
+    collections: CollectionsConfig | None, entry: ConflictEntry, value: Any, now_ms: int
+) -> list[str]:
+    """What is wrong with `value` as the new value of the conflict's field, checked as an agent
+    checks a resolution (the field's schema, `protocol.validation`, partial record): HQ's change
+    reaches every node, so it must be one they would accept. Fields the collections file does
+    not declare under this name (undeclared collections, renamed fields) are not checked."""
+    collection = collections.collections.get(entry.collection) if collections else None
+    if collections is None or collection is None or entry.field not in collection.fields:
+        return []
+    now = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC)
+    violations = validate(
+        collection,
+        {entry.field: value},
+        references=collections.references,
+        today=now.date(),
+        now=now,
+        partial=True,
+    )
+    return [str(v) for v in violations]
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
@@ -164,11 +190,21 @@ def parse_json(text: str | bytes) -> Any:
 
 
 class AdminAPI:
-    """The admin handlers. `store` returns HQ's open store (it is opened at startup, after the
-    routes are registered); `note` adds fields to the request's log line."""
+    """The admin handlers. `store` and `collections` return HQ's open store and its collections
+    file (both are loaded at startup, after the routes are registered); `wall` is HQ's clock in
+    ms; `note` adds fields to the request's log line."""
 
-    def __init__(self, store: Callable[[], HQStore], note: Callable[..., None]) -> None:
+    def __init__(
+        self,
+        *,
+        store: Callable[[], HQStore],
+        collections: Callable[[], CollectionsConfig | None],
+        wall: Callable[[], int],
+        note: Callable[..., None],
+    ) -> None:
         self._store = store
+        self._collections = collections
+        self._wall = wall
         self._note = note
 
     def register(self, app: web.Application) -> None:
@@ -233,16 +269,21 @@ class AdminAPI:
         self._note(conflict=conflict_id)
         choice, note = _resolve_body(await _read_body(request))
         store = self._store()
+        entry = await _get(store, conflict_id)
+        if entry.status != "open":
+            raise NotOpen(f"conflict {conflict_id} is {entry.status}, not open: nothing to resolve")
         if isinstance(choice, _Take):
-            entry = await _get(store, conflict_id)
-            if entry.status != "open":
-                raise NotOpen(f"conflict {conflict_id} is {entry.status}, not open")
             try:
                 value = side_value(entry, choice.number)
             except ValueError as e:
                 raise BadRequest(str(e)) from e
         else:
             value = choice
+        problems = resolution_problems(self._collections(), entry, value, self._wall())
+        if problems:
+            raise BadRequest(
+                f"'value' is not a valid {entry.collection}.{entry.field}: {'; '.join(problems)}"
+            )
         try:
             done = await store.resolve_conflict(conflict_id, value, actor=caller.actor, note=note)
         except ConflictNotFound as e:

@@ -42,7 +42,7 @@ from hq_server.store import (
     SQLiteHQStore,
     StoreError,
 )
-from protocol.collections import load_collections
+from protocol.collections import CollectionsConfig, load_collections
 from protocol.errors import Oversize, ProtocolError
 from protocol.hlc import HybridClock, system_ms
 from protocol.identity import PUBLIC_KEY_BYTES, NodeIdentity
@@ -93,6 +93,7 @@ class HQState:
     ingestor: Ingestor
     feed: FeedService
     router: Router | None = None  # routes changes onward, when hq.routes_file is set
+    collections: CollectionsConfig | None = None  # hq.collections_file: schemas and policies
 
 
 CONFIG = web.AppKey("fieldsync_config", HQConfig)
@@ -308,29 +309,33 @@ async def _health(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+def load_hq_collections(section: HQSection) -> CollectionsConfig | None:
+    """hq.collections_file, loaded; None when it is not set. ConfigError (naming the file, key
+    and line) when it cannot be used."""
+    return load_collections(section.collections_file) if section.collections_file else None
+
+
 def hq_store(
     section: HQSection,
     identity: NodeIdentity | None,
+    collections: CollectionsConfig | None,
     *,
     wall: Callable[[], int] = system_ms,
     create: bool = True,
 ) -> SQLiteHQStore:
-    """HQ's store (not yet opened) as the server uses it: the collections' conflict policies,
-    HQ's node id as the origin of the changes HQ writes (resolutions, corrections) and the clock
-    bound. The server and `fieldsync-hq` open it only through here, so a conflict resolved from
-    the command line is written exactly as the server would write it.
+    """HQ's store (not yet opened) as the server uses it: the conflict policies of `collections`
+    (from `load_hq_collections`), HQ's node id as the origin of the changes HQ writes
+    (resolutions, corrections) and the clock bound. The server and `fieldsync-hq` open it only
+    through here, so a conflict resolved from the command line is written exactly as the server
+    would write it.
 
     `identity` None (HQ's key does not exist yet): the store reads, but cannot author changes.
-    ConfigError if hq.collections_file cannot be loaded.
     """
-    policies = field_policies(
-        load_collections(section.collections_file) if section.collections_file else None
-    )
     return SQLiteHQStore(
         section.db_path,
         wall=wall,
         create=create,
-        policies=policies,
+        policies=field_policies(collections),
         origin=identity.node_id if identity is not None else "",
         max_ahead_ms=section.max_clock_ahead_s * 1000,
     )
@@ -348,7 +353,8 @@ def create_app(config: HQConfig, *, wall: Callable[[], int] = system_ms) -> web.
         section = config.hq
         routes = load_routes(section.routes_file) if section.routes_file else None
         identity = await asyncio.to_thread(load_or_create_identity, section.key_path)
-        store = hq_store(section, identity, wall=wall)
+        collections = load_hq_collections(section)
+        store = hq_store(section, identity, collections, wall=wall)
         await store.open()
         clock = HybridClock(wall, max_drift_ms=section.max_clock_ahead_s * 1000)
         try:
@@ -376,6 +382,7 @@ def create_app(config: HQConfig, *, wall: Callable[[], int] = system_ms) -> web.
                     max_bytes=section.max_raw_bytes // 2,
                 ),
                 router=router,
+                collections=collections,
             )
             if router is not None:
                 router_task = asyncio.create_task(router.run(router_stop), name="router")
@@ -402,7 +409,12 @@ def create_app(config: HQConfig, *, wall: Callable[[], int] = system_ms) -> web.
     app.router.add_get(CHANGES_PATH, _get_changes)
     app.router.add_post(ENROLL_PATH, _enroll)
     app.router.add_get(HEALTH_PATH, _health)
-    AdminAPI(lambda: app[STATE].store, _note).register(app)
+    AdminAPI(
+        store=lambda: app[STATE].store,
+        collections=lambda: app[STATE].collections,
+        wall=wall,
+        note=_note,
+    ).register(app)
     return app
 
 

@@ -20,8 +20,15 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from hq_server.admin_api import conflict_json, iso_time, node_names, parse_json, side_value
-from hq_server.app import ServeError, hq_store, serve
+from hq_server.admin_api import (
+    conflict_json,
+    iso_time,
+    node_names,
+    parse_json,
+    resolution_problems,
+    side_value,
+)
+from hq_server.app import ServeError, hq_store, load_hq_collections, serve
 from hq_server.config import HQConfig, load_config
 from hq_server.keys import HQKeyError
 from hq_server.logs import setup_logging
@@ -37,6 +44,7 @@ from hq_server.store import (
     StoreError,
     check_groups,
 )
+from protocol.collections import CollectionsConfig
 from protocol.config import ConfigError
 from protocol.identity import NodeIdentity
 from protocol.transport import b64
@@ -88,8 +96,12 @@ def _open_store(config: HQConfig) -> SQLiteHQStore:
             identity = NodeIdentity.load(key_path)
         except (OSError, ValueError, TypeError) as e:
             _fail(f"HQ key {key_path}: {e}")
+    return hq_store(config.hq, identity, _collections(config), create=False)
+
+
+def _collections(config: HQConfig) -> CollectionsConfig | None:
     try:
-        return hq_store(config.hq, identity, create=False)
+        return load_hq_collections(config.hq)
     except ConfigError as e:
         _fail(str(e), 2)
 
@@ -488,8 +500,9 @@ def conflicts_show(config_path: Path, conflict_id: int, as_json: bool) -> None:
         )
 
 
-class _BadTake(Exception):
-    """--take names a side the conflict does not have (bad usage: nothing changed)."""
+class _BadInput(Exception):
+    """--take names a side the conflict does not have, or the value is one the field's schema
+    refuses (bad input: nothing changed, exit 2)."""
 
 
 def _when_iso(text: str | None) -> str:
@@ -524,24 +537,29 @@ def conflicts_resolve(
             "resolution: start `fieldsync-hq serve` once first"
         )
 
+    collections = _collections(config)
+
     async def work(store: SQLiteHQStore) -> tuple[ConflictEntry, dict[str, str]]:
+        entry = await store.get_conflict(conflict_id)
+        if entry.status != "open":
+            raise ConflictNotOpen(
+                f"conflict {conflict_id} is {entry.status}, not open: nothing to resolve"
+            )
         chosen = value
         if take is not None:
-            entry = await store.get_conflict(conflict_id)
-            if entry.status != "open":
-                raise ConflictNotOpen(
-                    f"conflict {conflict_id} is {entry.status}, not open: nothing to resolve"
-                )
             try:
                 chosen = side_value(entry, take)
             except ValueError as e:
-                raise _BadTake(f"--take {take}: {e}") from e
+                raise _BadInput(f"--take {take}: {e}") from e
+        problems = resolution_problems(collections, entry, chosen, int(time.time() * 1000))
+        if problems:
+            raise _BadInput(f"not a valid {entry.collection}.{entry.field}: {'; '.join(problems)}")
         done = await store.resolve_conflict(conflict_id, chosen, actor=_actor(), note=note)
         return done, await node_names(store)
 
     try:
         done, names = _with_store(config, work, store)
-    except _BadTake as e:
+    except _BadInput as e:
         _fail(str(e), 2)
     doc = conflict_json(done, names)
     resolution = doc["resolution"] or {}

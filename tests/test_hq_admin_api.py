@@ -191,7 +191,9 @@ async def test_paging(tmp_path: Path) -> None:
         ({"take": True}, None, "'take' must be a side number"),
         ({"take": 0}, None, "'take' must be a side number"),
         ({"take": 3}, None, "has 2 side(s): take a number from 1 to 2"),
-        ({"value": 1 << 70}, None, "resolution value cannot be stored"),
+        ({"value": "five"}, None, "not a valid beneficiaries.household_size: household_size"),
+        ({"value": 0}, None, "household_size must be at least 1"),
+        ({"value": 1 << 70}, None, "household_size must be at most 30"),
     ],
 )
 async def test_bad_body_is_400_and_changes_nothing(

@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shlex
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 from test_hq_conflicts import EXAMPLE, Node, base_record
 
-from hq_server.app import hq_store
+from hq_server.admin_api import CONFLICTS_PATH
+from hq_server.app import hq_store, load_hq_collections
 from hq_server.cli import main
 from hq_server.config import HQConfig, load_config
 from hq_server.keys import load_or_create_identity
@@ -74,7 +77,7 @@ def setup(tmp_path: Path) -> Setup:
     identity = load_or_create_identity(config.hq.key_path)
 
     async def run() -> Setup:
-        async with hq_store(config.hq, identity) as store:
+        async with hq_store(config.hq, identity, load_hq_collections(config.hq)) as store:
             a = await Node.enrol(store, "kakuma-1", groups=("field-registration",))
             b = await Node.enrol(store, "kakuma-2")
             v = await base_record(store, a, pack(system_ms()))
@@ -219,6 +222,8 @@ def test_resolve_by_taking_a_side(setup: Setup) -> None:
         (["--value", "five"], "--value is not JSON"),
         (["--value", "NaN"], "--value is not JSON (NaN is not a JSON value)"),
         (["--value", "1e999"], "--value is not JSON (1e999 is out of range"),
+        (["--value", '"five"'], "not a valid beneficiaries.household_size: household_size"),
+        (["--value", "31"], "household_size must be at most 30"),
         (["--take", "3"], "--take 3: conflict 1 has 2 side(s): take a number from 1 to 2"),
         (["--take", "0"], "--take 0: conflict 1 has 2 side(s)"),
         (["--value", "5", "--take", "1"], "give --value JSON or --take N (exactly one)"),
@@ -322,3 +327,29 @@ def test_bad_groups_are_refused_and_change_nothing(
     assert message in line
     after = setup.state(), setup.rows("SELECT * FROM nodes"), setup.rows("SELECT * FROM tokens")
     assert after == before
+
+
+# -- the operations guide
+
+
+def test_the_conflict_review_guide_names_real_commands_options_and_paths() -> None:
+    """docs/operations.md, section "Conflict review": every `fieldsync-hq` command and option it
+    shows exists, and it shows every admin endpoint."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text("utf-8")
+    section = doc.split("## Conflict review", 1)[1].split("\n## ", 1)[0]
+    seen = 0
+    for match in re.finditer(r"(?:^|[\s`])fieldsync-hq ([^`\n#]*)", section, re.M):
+        command: click.Command = main
+        for word in shlex.split(match.group(1)):
+            if isinstance(command, click.Group):
+                assert word in command.commands, (
+                    f"no command `{word}`: fieldsync-hq {match.group(1)}"
+                )
+                command = command.commands[word]
+            elif word.startswith("--"):
+                options = {opt for param in command.params for opt in param.opts}
+                assert word in options, f"no option {word}: fieldsync-hq {match.group(1)}"
+        seen += 1
+    assert seen >= 10
+    for path in (CONFLICTS_PATH + "?", CONFLICTS_PATH + "/ID`", CONFLICTS_PATH + "/ID/resolve`"):
+        assert f"{path}" in section, path
