@@ -407,7 +407,7 @@ def _who(item: dict[str, Any]) -> str:
 @click.option("--collection", help="Only this collection.")
 @click.option("--after", type=click.IntRange(min=0), default=0, help="Only ids above this.")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array ([] when none).")
 def conflicts_list(
     config_path: Path,
     status: str | None,
@@ -433,8 +433,7 @@ def conflicts_list(
     more = len(entries) > limit
     docs = [conflict_json(e, names) for e in entries[:limit]]
     if as_json:
-        for doc in docs:
-            click.echo(json.dumps(doc, ensure_ascii=False))
+        click.echo(json.dumps(docs, indent=2, ensure_ascii=False))
     else:
         rows = [["ID", "COLLECTION", "KEY", "FIELD", "POLICY", "STATUS", "REVIEWER", "SIDES"]]
         rows += [
