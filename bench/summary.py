@@ -69,6 +69,11 @@ def run(root: Path, forward: str, records: list[dict[str, Any]]) -> dict[str, An
     try:
         d.enroll()
         d.start_agent()
+        deadline = time.monotonic() + 30
+        while not d.status()["last_error"]:  # the agent has found the link down
+            if time.monotonic() > deadline:
+                raise RuntimeError("the agent never tried to reach HQ")
+            time.sleep(0.05)
         started = time.monotonic()
         for i in range(0, len(records), CHUNK):
             body = b"\n".join(json.dumps(r).encode() for r in records[i : i + CHUNK])

@@ -101,6 +101,10 @@ def offline(d: LocalDeployment) -> None:
     """Enrolled, then HQ goes away: the field office records while its link is down."""
     d.enroll()
     d.start_agent()
+    deadline = time.monotonic() + 30
+    while not d.status()["last_error"]:  # the agent has found the link down
+        assert time.monotonic() < deadline, "the agent never tried to reach HQ"
+        time.sleep(0.05)
 
 
 def test_summary_mode_sends_exact_daily_totals_in_far_fewer_bytes(
