@@ -415,6 +415,9 @@ class AuditEntry:
 
 GROUP = re.compile(r"group:[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 API_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Enrolment tokens start with a fixed prefix: never with "-" (a command line would take the token
+# for an option), and recognisable to secret scanners.
+ENROL_TOKEN_PREFIX = "fse_"
 API_TOKEN_PREFIX = "fsa_"  # recognisable in a leaked file or a secret scanner
 
 
@@ -813,7 +816,7 @@ class SQLiteHQStore:
             raise StoreError("create token: the node name must not be empty")
         if ttl_ms <= 0:
             raise StoreError("create token: the lifetime must be positive")
-        token = secrets.token_urlsafe(32)
+        token = ENROL_TOKEN_PREFIX + secrets.token_urlsafe(32)
         digest = token_hash(token)
         now = self._wall()
         issued = IssuedToken(token, node_name, now + ttl_ms)

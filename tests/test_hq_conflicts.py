@@ -342,3 +342,12 @@ async def test_a_change_whose_parent_is_not_below_its_stamp_is_refused(
         assert response.status == 400
         assert "parent" in (await response.json())["message"]
         assert hq.snapshot() == before
+
+
+async def test_enrolment_tokens_never_look_like_command_line_options(tmp_path: Path) -> None:
+    """`fieldsync-agent enroll URL TOKEN`: a token starting with '-' would be taken for an option
+    (about one token in 64 did, before tokens got their prefix)."""
+    async with opened(tmp_path, FakeWall()) as store:
+        for _ in range(200):
+            issued = await store.create_token("n", DAY_MS, actor="test")
+            assert issued.token.startswith("fse_")
