@@ -40,6 +40,7 @@ import os
 import re
 import secrets
 import sqlite3
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -1024,8 +1025,9 @@ class SQLiteHQStore:
         log_rows = []
         events: list[tuple[Change, int, QueueEvent]] = []
         skewed: list[tuple[str, int, int]] = []
-        pending = [(change, writer) for change in fresh]
-        for change, author in pending:  # grows while iterating: HQ's corrections come last
+        pending = deque((change, writer) for change in fresh)
+        while pending:
+            change, author = pending.popleft()
             seq += 1
             state = states.setdefault((change.collection, change.key), RecordState())
             verdict = judge.apply(state, change, author)
@@ -1034,7 +1036,9 @@ class SQLiteHQStore:
                 skewed.append((change.origin, change.hlc, verdict.skewed))
             if verdict.corrections:
                 fix = await self._hq_change(conn, change.collection, change.key, state, now)
-                pending.append((replace(fix, fields=verdict.corrections), HQ_WRITER))
+                # Next, before the batch's later changes: its stamp is above the record's
+                # version *now*, and must be applied before anything can raise that version.
+                pending.appendleft((replace(fix, fields=verdict.corrections), HQ_WRITER))
             touched[(change.collection, change.key)] = seq
             log_rows.append(
                 (

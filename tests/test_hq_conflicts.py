@@ -4,6 +4,7 @@ enforcement and clock bounding, on a real SQLite store fed the way ingest feeds 
 from __future__ import annotations
 
 import sqlite3
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,13 +12,17 @@ from typing import Any
 
 import pytest
 from hq_fixtures import DAY_MS, FakeWall, running_hq, seal_batch
+from hypothesis import given
+from hypothesis import strategies as st
+from test_protocol_strategies import examples
 
+from hq_server.conflicts import HQ_WRITER, Judge, Writer
 from hq_server.store import SQLiteHQStore, StoreError
 from protocol.change import Change
 from protocol.collections import load_collections
 from protocol.hlc import pack, physical_ms, system_ms
 from protocol.identity import NodeIdentity
-from protocol.merge import field_policies
+from protocol.merge import FieldPolicies, RecordState, apply_change, field_policies
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "collections.example.toml"
 POLICIES = field_policies(load_collections(EXAMPLE))
@@ -351,3 +356,105 @@ async def test_enrolment_tokens_never_look_like_command_line_options(tmp_path: P
         for _ in range(200):
             issued = await store.create_token("n", DAY_MS, actor="test")
             assert issued.token.startswith("fse_")
+
+
+# -- source_of_truth under any arrival order (hypothesis) -----------------------------------------
+
+OWNER, INTRUDER = "nOwner", "nIntruder"
+SOT = {"beneficiaries": FieldPolicies(owners={"status": "group:own"})}
+WRITERS = {
+    OWNER: Writer(frozenset({f"node:{OWNER}", "group:own"})),
+    INTRUDER: Writer(frozenset({f"node:{INTRUDER}"})),
+}
+
+
+@st.composite
+def sot_histories(draw: st.DrawFn) -> list[Change]:
+    n = draw(st.integers(1, 10))
+    stamps = draw(
+        st.lists(
+            st.tuples(st.integers(1, 8), st.sampled_from([OWNER, INTRUDER])),
+            min_size=n,
+            max_size=n,
+            unique=True,
+        )
+    )
+    seqs: dict[str, int] = {}
+    out = []
+    for hlc, origin in stamps:
+        seqs[origin] = seqs.get(origin, 0) + 1
+        value = draw(st.sampled_from(["registered", "verified", "suspended"]))
+        out.append(
+            Change(
+                "beneficiaries",
+                "k",
+                "upsert",
+                {"status": value},
+                hlc,
+                draw(st.integers(0, hlc - 1)),
+                origin,
+                seqs[origin],
+            )
+        )
+    return out
+
+
+def hq_replay(order: list[Change]) -> tuple[RecordState, list[Change]]:
+    """HQ's judge over `order`; returns HQ's state and the corrections it authored."""
+    judge = Judge(SOT, now_ms=10**12, max_ahead_ms=10**9, skewed_time={})
+    state, authored = RecordState(), []
+    pending = deque((c, WRITERS[c.origin]) for c in order)
+    while pending:
+        change, writer = pending.popleft()
+        verdict = judge.apply(state, change, writer)
+        if verdict.corrections:
+            fix = Change(
+                "beneficiaries",
+                "k",
+                "upsert",
+                verdict.corrections,
+                state.version + 1,
+                state.version,
+                HQ_ORIGIN,
+                len(authored) + 1,
+            )
+            authored.append(fix)
+            pending.appendleft((fix, HQ_WRITER))
+    return state, authored
+
+
+@examples(150)
+@given(history=sot_histories(), data=st.data())
+def test_source_of_truth_converges_and_non_owners_never_have_the_last_word(
+    history: list[Change], data: st.DataObject
+) -> None:
+    order = data.draw(st.permutations(history))
+    at_hq, corrections = hq_replay(order)
+    # Another replica applies the same set -- the nodes' changes and HQ's corrections -- in any
+    # order, with repeats: it ends where HQ is.
+    everything = history + corrections
+    replica = RecordState()
+    for change in data.draw(st.permutations(everything + everything[:3])):
+        apply_change(replica, change)
+    assert (replica.values, replica.stamps) == (at_hq.values, at_hq.stamps)
+    # What HQ shows is a value the owner or HQ wrote, or a record's initial value (a non-owner
+    # rewriting the value already there changes nothing, so its stamp may stand).
+    allowed = [
+        c.fields["status"] for c in everything if c.origin in (OWNER, HQ_ORIGIN) or c.parent == 0
+    ]
+    assert at_hq.values["status"] in allowed
+
+
+async def test_a_revert_lands_before_the_rest_of_its_batch(tmp_path: Path) -> None:
+    """Two refused writes in one batch: HQ's revert of the first is applied before the second is
+    judged, so the second is reverted too (a revert queued behind the batch would lose to it)."""
+    wall = FakeWall()
+    async with opened(tmp_path, wall) as store:
+        field = await Node.enrol(store, "field")
+        v = await base_record(store, field, pack(wall()))
+        await field.send(
+            field.change("B1", {"registration_status": "verified"}, v + 10, v),
+            field.change("B1", {"registration_status": "suspended"}, v + 20, v + 10),
+        )
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and record.data["registration_status"] == "registered"
