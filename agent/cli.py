@@ -211,7 +211,9 @@ def put(config: AgentConfig, collection: str, record: str | None, path: str | No
     refused = [r for r in results if r.refused]
     for result in refused:
         click.echo(f"{collection}/{result.key}: refused: {result.refused}", err=True)
-    changed = sum(1 for r in results if r.seq is not None)
+    # Stored when it has a stamp: a record kept on this node only (summary mode) has no change
+    # sequence but was written.
+    changed = sum(1 for r in results if r.hlc is not None)
     stored = len(results) - len(refused)
     click.echo(
         f"stored {stored} records ({changed} changed, {stored - changed} unchanged)"

@@ -117,7 +117,13 @@ class Forwarder:
 
     async def sync_once(self) -> None:
         """Push, then pull -- the pull even when the push failed: a batch HQ refuses must not cut
-        the office off from HQ's data."""
+        the office off from HQ's data.
+
+        After a failure the link is first probed with the pull (a small signed GET): sealing a
+        batch for a link that is still down would claim summary rows that could otherwise keep
+        absorbing increments (fewer bytes once the link returns)."""
+        if self.backoff.failures:
+            await self.pull_all()
         try:
             await self.push_all()
         except HQError:

@@ -227,7 +227,10 @@ def field_policies(collections: Any) -> dict[str, FieldPolicies]:
     """`FieldPolicies` per collection of a `protocol.collections.CollectionsConfig` (or None)."""
     out: dict[str, FieldPolicies] = {}
     for name, collection in collections.collections.items() if collections else ():
-        specs = collection.fields
+        # Records hold a renamed field under its wire name (edge transform): so do the policies.
+        transform = getattr(collection, "transform", None)
+        rename = transform.rename if transform is not None else {}
+        specs = {rename.get(n, n): s for n, s in collection.fields.items()}
         out[name] = FieldPolicies(
             review=frozenset(n for n, s in specs.items() if s.policy == "review"),
             owners={n: s.owner for n, s in specs.items() if s.policy == "source_of_truth"},

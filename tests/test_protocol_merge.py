@@ -455,3 +455,27 @@ def test_heads_survive_storage() -> None:
 )
 def test_may_write(owner: str | None, writer: set[str], creating: bool, allowed: bool) -> None:
     assert may_write(owner, writer, creating=creating) is allowed
+
+
+def test_policies_follow_a_renamed_field_to_its_wire_name() -> None:
+    from protocol.collections import collections_from_dict
+    from protocol.merge import field_policies
+
+    config = collections_from_dict(
+        {
+            "collections": {
+                "people": {
+                    "key": "id",
+                    "fields": {
+                        "id": {"type": "string"},
+                        "size": {"type": "integer", "policy": "review"},
+                        "status": {"type": "string", "policy": "source_of_truth", "owner": "hq:x"},
+                    },
+                    "transform": {"rename": {"size": "household_size"}},
+                }
+            }
+        }
+    )
+    policies = field_policies(config)["people"]
+    assert policies.review == frozenset({"household_size"})
+    assert policies.owners == {"status": "hq:x"}
