@@ -29,7 +29,6 @@ from agent.capture.records import (
     parse_ndjson,
     record_to_write,
 )
-from agent.capture.validate import EdgeValidator
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_agent_config
 from agent.hqclient import HQError, enroll
 from agent.service import NotInitialised, load_identity, open_agent, partial_check, run_agent
@@ -196,7 +195,7 @@ def put(config: AgentConfig, collection: str, record: str | None, path: str | No
     async def write() -> list[Any]:
         async with open_agent(config) as agent:
             # Checked against the collections file with the agent's clock (it tracks HQ's time).
-            validator = EdgeValidator.for_agent(config, agent.store.clock.physical)
+            validator = await agent.validator()
             check = validator.check if validator is not None else None
             writes: list[Write]
             if path is not None:
@@ -231,7 +230,7 @@ def errors() -> None:
 def _with_queue(config: AgentConfig, work: Callable[..., Coroutine[Any, Any, T]]) -> T:
     async def run() -> T:
         async with open_agent(config) as agent:
-            validator = EdgeValidator.for_agent(config, agent.store.clock.physical)
+            validator = await agent.validator()
             return await work(agent.store, validator)
 
     with friendly_errors():
@@ -368,7 +367,7 @@ def conflicts() -> None:
 def _with_review(config: AgentConfig, work: Callable[..., Coroutine[Any, Any, T]]) -> T:
     async def run() -> T:
         async with open_agent(config) as agent:
-            validator = EdgeValidator.for_agent(config, agent.store.clock.physical)
+            validator = await agent.validator()
             return await work(agent.store, partial_check(validator))
 
     with friendly_errors():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from agent.backoff import Backoff, wait_any
@@ -16,6 +17,7 @@ from agent.batcher import Batcher
 from agent.hqclient import Gap, HQClient, HQError, RejectedError
 from agent.store import AgentStore
 from protocol.hlc import system_ms
+from protocol.references import REFERENCES_COLLECTION
 
 log = logging.getLogger("fieldsync.agent.forwarder")
 MIN_BATCH_LIMIT = 16
@@ -48,6 +50,8 @@ class Forwarder:
         self.feed_page_size = feed_page_size
         self.counters = SyncCounters()
         self.pull_now = asyncio.Event()
+        # Called after a feed page holding reference tables from HQ has been applied.
+        self.on_references: Callable[[], Awaitable[object]] | None = None
 
     async def push_all(self) -> int:
         """Send every sealed batch in order until none is left; returns changes acked."""
@@ -97,6 +101,10 @@ class Forwarder:
         while True:
             page = await self.client.pull(cursor, self.feed_page_size)
             applied += await self.store.apply_feed(page.changes, page.cursor, page.groups)
+            if self.on_references is not None and any(
+                c.collection == REFERENCES_COLLECTION for c in page.changes
+            ):
+                await self.on_references()
             self.counters.changes_pulled += len(page.changes)
             cursor = page.cursor
             self._contact()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -70,6 +71,14 @@ class Agent:
             timeout_s=self.config.hq.timeout_s,
         )
 
+    async def validator(self) -> EdgeValidator | None:
+        """The edge checks of `agent.collections_file` (None without one), with the newest
+        reference tables HQ has sent."""
+        validator = EdgeValidator.for_agent(self.config, self.store.clock.physical)
+        if validator is not None:
+            await validator.load_references(self.store)
+        return validator
+
     def forwarder(self, client: HQClient, batcher: Batcher) -> Forwarder:
         sync = self.config.sync
         return Forwarder(
@@ -111,9 +120,8 @@ def partial_check(validator: EdgeValidator | None) -> Callable[[Write], Sequence
     return lambda write: validator.check(write, partial=True)
 
 
-async def _serve_api(agent: Agent, stop: asyncio.Event) -> None:
+async def _serve_api(agent: Agent, validator: EdgeValidator | None, stop: asyncio.Event) -> None:
     host, _, port = agent.config.agent.listen.rpartition(":")
-    validator = EdgeValidator.for_agent(agent.config, agent.store.clock.physical)
     app = create_app(agent.store, agent.config, validator)
     review.add_routes(app, agent.store, partial_check(validator))
     runner = web.AppRunner(app, access_log=None)
@@ -138,11 +146,15 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> N
             loop.add_signal_handler(sig, stop.set)
     async with open_agent(config) as agent:
         batcher = agent.batcher()
+        validator = await agent.validator()
         async with agent.client() as client:
             forwarder = agent.forwarder(client, batcher)
+            if validator is not None:
+                # A newer reference table from HQ applies to the very next record checked.
+                forwarder.on_references = functools.partial(validator.load_references, agent.store)
             sync_stop = asyncio.Event()
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(_serve_api(agent, stop))
+                tasks.create_task(_serve_api(agent, validator, stop))
                 loops = [
                     tasks.create_task(batcher.run(sync_stop)),
                     tasks.create_task(forwarder.run(sync_stop)),

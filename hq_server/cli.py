@@ -47,6 +47,7 @@ from hq_server.store import (
 from protocol.collections import CollectionsConfig
 from protocol.config import ConfigError
 from protocol.identity import NodeIdentity
+from protocol.references import REFERENCES_COLLECTION, read_table, table_record
 from protocol.transport import b64
 
 T = TypeVar("T")
@@ -570,6 +571,86 @@ def conflicts_resolve(
 
 
 # -- admin API tokens
+
+
+# -- reference tables sent to the agents
+
+
+@main.group("references")
+def references_group() -> None:
+    """Reference tables (admin codes, sites, lookups) sent to every agent."""
+
+
+@references_group.command("push")
+@config_option
+@click.argument("name")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--column", default=None, help="Column (CSV) or key (JSON) holding the codes.")
+@click.option("--value-column", default=None, help="For a lookup table: the column of values.")
+def references_push(
+    config_path: Path, name: str, file: Path, column: str | None, value_column: str | None
+) -> None:
+    """Send a newer version of reference table NAME, read from FILE, to every agent. Agents check
+    records against it from their next sync on (offline ones when their link returns). Audited."""
+    config = _load(config_path)
+    collections = _collections(config)
+    if collections is not None:
+        known = collections.references.get(name)
+        if known is None:
+            names = ", ".join(sorted(collections.references)) or "none"
+            _fail(f"no reference table {name!r} in {collections.source} (tables: {names})", 2)
+        if (known.values is not None) != (value_column is not None):
+            kind = "a lookup table: give --value-column" if known.values else "a list of codes"
+            _fail(f"reference table {name!r} is {kind}", 2)
+    try:
+        table = read_table(name, file, column=column, value_column=value_column)
+    except (OSError, ValueError) as e:
+        _fail(f"{file}: {e}", 2)
+    if not table.codes:
+        _fail(f"{file}: no codes found; an empty table would refuse every record", 2)
+    store = _open_store(config)
+    if not store.origin:
+        _fail(f"HQ's key {config.hq.key_path} does not exist yet: start `fieldsync-hq serve` once")
+    actor = _actor()
+
+    async def work(store: SQLiteHQStore) -> Any:
+        return await store.write_record(
+            REFERENCES_COLLECTION,
+            name,
+            table_record(table, pushed_by=actor),
+            actor=actor,
+            action="reference.push",
+            detail={"codes": len(table.codes), "file": str(file)},
+        )
+
+    change = _with_store(config, work, store)
+    click.echo(
+        f"reference table {name}: {len(table.codes)} codes from {file.name} queued for every "
+        f"agent (HQ change {change.seq})"
+    )
+
+
+@references_group.command("list")
+@config_option
+def references_list(config_path: Path) -> None:
+    """The tables HQ has sent, with their size and who pushed them."""
+    config = _load(config_path)
+
+    async def work(store: SQLiteHQStore) -> list[Any]:
+        return await store.list_records(REFERENCES_COLLECTION)
+
+    rows = [["NAME", "CODES", "SOURCE", "PUSHED BY"]]
+    for record in _with_store(config, work):
+        data = record.data
+        rows.append(
+            [
+                record.key,
+                str(len(data.get("codes", []))),
+                str(data.get("source")),
+                str(data.get("pushed_by")),
+            ]
+        )
+    click.echo(_table(rows) if len(rows) > 1 else "no reference tables sent yet")
 
 
 @main.group("api-token")

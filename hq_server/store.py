@@ -1307,6 +1307,34 @@ class SQLiteHQStore:
             raise ConflictNotFound(f"no conflict {conflict_id}")
         return self._conflict(rows[0])
 
+    async def write_record(
+        self,
+        collection: str,
+        key: str,
+        fields: dict[str, Any],
+        *,
+        actor: str,
+        action: str,
+        detail: dict[str, Any] | None = None,
+    ) -> Change:
+        """HQ writes fields of a record as a change of its own (e.g. a newer reference table):
+        applied, logged and sent to every node like any change. Audited as `action`."""
+        try:
+            _dumps(fields)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise UnstorableChange(f"{collection}/{key}: value cannot be stored: {e}") from e
+        now = self._wall()
+        async with self._transaction(action) as conn:
+            probe = Change(collection, key, "upsert", {}, 1, 0, self.origin, 0)
+            state = (await self._load_states(conn, [probe]))[(collection, key)]
+            change = replace(
+                await self._hq_change(conn, collection, key, state, now), fields=fields
+            )
+            await self._apply(conn, [change], now, HQ_WRITER)
+            audited = {"collection": collection, "key": key, "change": [change.origin, change.seq]}
+            await self._audit(conn, actor, action, audited | (detail or {}))
+        return change
+
     async def resolve_conflict(
         self, conflict_id: int, value: Any, *, actor: str, note: str = ""
     ) -> ConflictEntry:

@@ -8,16 +8,20 @@ laptop with a wrong clock does not refuse today's registrations as "in the futur
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable
 
 from agent.capture.edge import CollectionEdge
 from agent.capture.records import RecordError
 from agent.config import AgentConfig
-from agent.store import Write
-from protocol.collections import CollectionsConfig, load_collections
+from agent.store import AgentStore, Write
+from protocol.collections import CollectionsConfig, ReferenceTable, load_collections
 from protocol.config import ConfigError
+from protocol.references import REFERENCES_COLLECTION, table_from_record
 from protocol.transforms import transform
 from protocol.validation import validate
+
+log = logging.getLogger("fieldsync.agent.validate")
 
 
 class EdgeValidator:
@@ -28,8 +32,11 @@ class EdgeValidator:
     def __init__(self, collections: CollectionsConfig, clock_ms: Callable[[], int]) -> None:
         self.collections = collections
         self._clock_ms = clock_ms
+        # The tables rules and lookups read: the collections file's, replaced by newer ones HQ
+        # sent (load_references). One dict, shared with every CollectionEdge, updated in place.
+        self.references: dict[str, ReferenceTable] = dict(collections.references)
         self.edges = {
-            name: CollectionEdge(collection, collections.references, clock_ms)
+            name: CollectionEdge(collection, self.references, clock_ms)
             for name, collection in collections.collections.items()
         }
         self.derived = {
@@ -37,6 +44,27 @@ class EdgeValidator:
             for name, c in collections.collections.items()
             if c.summary is not None
         }
+
+    async def load_references(self, store: AgentStore) -> list[str]:
+        """Use the newest reference tables HQ sent (records of `_references` in the local store)
+        for the tables the collections file defines; returns the names now taken from HQ."""
+        used = []
+        after: str | None = None
+        while True:
+            records, after = await store.page(REFERENCES_COLLECTION, after=after, limit=500)
+            for record in records:
+                try:
+                    table = table_from_record(record)
+                except ValueError as e:
+                    log.warning("ignoring a reference table from HQ: %s", e)
+                    continue
+                if table.name not in self.collections.references:
+                    log.warning("HQ sent reference table %s, which no collection uses", table.name)
+                    continue
+                self.references[table.name] = table
+                used.append(table.name)
+            if after is None:
+                return used
 
     @classmethod
     def for_agent(cls, config: AgentConfig, clock_ms: Callable[[], int]) -> EdgeValidator | None:
@@ -97,14 +125,14 @@ class EdgeValidator:
         violations = validate(
             collection,
             write.fields,
-            references=self.collections.references,
+            references=self.references,
             today=now.date(),
             now=now,
             partial=partial,
         )
         if not violations:
             # Lookups of the codes present; a PATCH's derived fields are made in the store.
-            violations = transform(collection, write.fields, self.collections.references)[2]
+            violations = transform(collection, write.fields, self.references)[2]
         if not violations:
             write.edge = self.edges[write.collection]
         return [
