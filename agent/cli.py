@@ -130,6 +130,13 @@ def enroll_command(config: AgentConfig, url: str, token: str) -> None:
         )
     )
     enrolment.save(config.enrolment_path)
+
+    async def remember_groups() -> None:
+        # Until the first feed page says otherwise, the groups HQ gave at enrolment hold.
+        async with open_agent(config) as agent:
+            await agent.store.set_meta(groups=json.dumps(sorted(enrolment.groups)))
+
+    _run(remember_groups())
     click.echo(f"enrolled node {identity.node_id} as {name!r} with HQ {enrolment.hq_node_id}")
 
 

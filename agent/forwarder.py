@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from agent.backoff import Backoff, wait_any
 from agent.batcher import Batcher
-from agent.hqclient import Gap, HQClient, HQError, RejectedError
+from agent.hqclient import Gap, HQClient, HQError, RejectedError, TransientError
 from agent.store import AgentStore
 from protocol.hlc import system_ms
 from protocol.references import REFERENCES_COLLECTION
@@ -131,7 +131,12 @@ class Forwarder:
         batch for a link that is still down would claim summary rows that could otherwise keep
         absorbing increments (fewer bytes once the link returns)."""
         if self.backoff.failures:
-            await self.pull_all()
+            try:
+                await self.pull_all()
+            except TransientError:
+                raise  # the link is still down: keep the rows open, try again later
+            except HQError:
+                pass  # HQ refused the pull: that must not stop the push (it raises again below)
         try:
             await self.push_all()
         except HQError:

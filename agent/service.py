@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -104,8 +103,6 @@ async def open_agent(config: AgentConfig) -> AsyncIterator[Agent]:
     collections = config.agent.collections_file
     policies = field_policies(load_collections(collections) if collections else None)
     store = await AgentStore.open(config.db_path, identity.node_id, policies)
-    if enrolment is not None and enrolment.groups and (await store.meta())["groups"] == "[]":
-        await store.set_meta(groups=json.dumps(list(enrolment.groups)))
     store.clock.max_drift_ms = int(config.sync.max_clock_drift_s * 1000)
     try:
         yield Agent(config, identity, enrolment, store)

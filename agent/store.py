@@ -394,7 +394,10 @@ class AgentStore:
                 name
                 for name, owner in rules.owners.items()
                 if name in written
-                and not may_write(owner, principals, creating=state is None)
+                # As at HQ: the initial value of an empty field is anyone's to set.
+                and not may_write(
+                    owner, principals, creating=state is None or name not in state.stamps
+                )
                 and (state is None or state.values.get(name) != written[name])
             ]
             if refused:
@@ -451,6 +454,10 @@ class AgentStore:
                 fields = sent
                 if plan.whole:
                     parent = 0  # HQ has never seen this record
+                    # Every field sent is stamped with this change here too, or a write from
+                    # elsewhere stamped in between would win here and lose at HQ.
+                    for name in sent:
+                        state.stamps[name] = (hlc, self.node_id)
             outbox.append(
                 [
                     next_seq,
@@ -913,11 +920,16 @@ def _pack_state(state: RecordState) -> tuple[str, bytes, bool, int]:
 def _unpack_state(data: str, stamps: bytes) -> RecordState:
     values = orjson.loads(data)
     top, others, tombstone, *rest = msgpack.unpackb(stamps, raw=False, use_list=False)
+    heads = {}
+    if rest:
+        # Head values compare with values from JSON and the wire: lists must stay lists.
+        unpacked = msgpack.unpackb(stamps, raw=False)[3]
+        heads = {name: [Head(*h) for h in hs] for name, hs in unpacked.items()}
     return RecordState(
         values,
         {name: others.get(name, top) for name in values},
         tombstone if tombstone is not None else NO_STAMP,
-        {name: [Head(*h) for h in heads] for name, heads in rest[0].items()} if rest else {},
+        heads,
     )
 
 

@@ -81,15 +81,32 @@ class Verdict:
     events: list[QueueEvent] = field(default_factory=list)
     corrections: dict[str, Any] = field(default_factory=dict)  # field -> value HQ writes back
     skewed: int | None = None  # the change's estimated real time (ms) when its stamp is skewed
+    # The write HQ's correction restores (its stamp and real time): the correction stands in for
+    # it, so later comparisons (owner writes, wrong clocks) are made against that write.
+    restores: Stamp | None = None
+    restores_real_ms: int | None = None
+    # Stamps that count as another for source_of_truth from now on (kept by the store): a
+    # non-owner's initial value counts as NO_STAMP, so any owner write outranks it.
+    stand_ins: list[tuple[Stamp, Stamp]] = field(default_factory=list)
+
+    def restore(self, name: str, value: Any, stamp: Stamp, real_ms: int) -> None:
+        self.corrections[name] = value
+        if self.restores is None or stamp > self.restores:
+            self.restores, self.restores_real_ms = stamp, real_ms
 
 
 @dataclass(frozen=True, slots=True)
 class Writer:
-    """Who wrote a change: a node with its groups, or HQ itself (`hq`: may write anything)."""
+    """Who wrote a change: a node with its groups, or HQ itself (`hq`: may write anything).
+
+    For HQ's corrections, `stands_for` is the write the correction restores and `real_ms` its real
+    time: a correction is stamped above the record's version, which may be far ahead."""
 
     principals: frozenset[str] = frozenset()
     hq: bool = False
     clock_offset_ms: int | None = None  # the node's clock minus HQ's, from this batch
+    stands_for: Stamp | None = None
+    real_ms: int | None = None
 
 
 HQ_WRITER = Writer(hq=True)
@@ -100,7 +117,8 @@ class Judge:
 
     `now_ms` is HQ's wall clock for this ingest; `max_ahead_ms` the configured bound
     (hq.max_clock_ahead_s); `skewed_time` maps a stamp already known as skewed to its estimated
-    real time (the store keeps them).
+    real time, and `stand_ins` maps the stamp of an HQ correction to the stamp of the write it
+    restored (the store keeps both).
     """
 
     def __init__(
@@ -110,11 +128,13 @@ class Judge:
         now_ms: int,
         max_ahead_ms: int,
         skewed_time: Mapping[Stamp, int],
+        stand_ins: Mapping[Stamp, Stamp] | None = None,
     ) -> None:
         self.policies = policies
         self.now_ms = now_ms
         self.max_ahead_ms = max_ahead_ms
         self.skewed_time = dict(skewed_time)
+        self.stand_ins = dict(stand_ins or {})
 
     def is_skewed(self, hlc: int) -> bool:
         return physical_ms(hlc) > self.now_ms + self.max_ahead_ms
@@ -124,19 +144,32 @@ class Judge:
         known = self.skewed_time.get(stamp)
         return known if known is not None else physical_ms(stamp[0])
 
+    def effective(self, stamp: Stamp) -> Stamp:
+        """The stamp a write counts with for source_of_truth: an HQ correction counts as the
+        write it restored, a non-owner's initial value as nothing."""
+        return self.stand_ins.get(stamp, stamp)
+
     def apply(self, state: RecordState, change: Change, writer: Writer) -> Verdict:
         rules = self.policies.get(change.collection, NO_POLICIES)
         verdict = Verdict()
         stamp: Stamp = (change.hlc, change.origin)
+        if writer.stands_for is not None:
+            self.stand_ins[stamp] = self.effective(writer.stands_for)
         if self.is_skewed(change.hlc):
-            offset = writer.clock_offset_ms or 0
-            estimate = physical_ms(change.hlc) - max(0, offset) if not writer.hq else self.now_ms
+            if writer.hq:
+                estimate = writer.real_ms if writer.real_ms is not None else self.now_ms
+            else:
+                estimate = physical_ms(change.hlc) - max(0, writer.clock_offset_ms or 0)
             verdict.skewed = min(self.now_ms, max(0, estimate))
             self.skewed_time[stamp] = verdict.skewed
-        if rules.append_only or change.op == "delete":
-            before_heads = {f: state.conflict(f) for f in state.heads}
+        if rules.append_only:
             apply_change(state, change, rules.review)
-            self._review_events(state, before_heads, rules, verdict)
+            return verdict
+        if change.op == "delete":
+            self._delete(state, change, rules, verdict)
+            return verdict
+        if stamp <= state.tombstone:
+            self._dead_on_arrival(state, change, rules, writer, verdict)
             return verdict
         concurrent = set(concurrent_fields(state, change))
         previous = {
@@ -145,71 +178,120 @@ class Judge:
         }
         before_heads = {f: state.conflict(f) for f in rules.review if f in change.fields}
         apply_change(state, change, rules.review)
-        self._review_events(state, before_heads, rules, verdict)
-        creating = change.parent == 0
+        self._review_events(state, before_heads, verdict)
         for name, value in change.fields.items():
             old_value, old_stamp = previous[name]
             won = state.stamps.get(name) == stamp
             policy = rules.policy(name)
-            if (
-                policy == "source_of_truth"
-                and won
-                and not writer.hq
-                and not may_write(rules.owners[name], writer.principals, creating=creating)
-                and old_value != value
-            ):
-                verdict.corrections[name] = old_value
-                verdict.events.append(
-                    QueueEvent(
-                        "auto",
-                        name,
-                        policy,
-                        (Side(old_value, *old_stamp), Side(value, *stamp)),
-                        f"only {rules.owners[name]} writes this field: the write was reverted",
-                    )
-                )
-                continue
+            if policy == "source_of_truth" and not writer.hq:
+                # "Creating": the field holds no value here yet (a registration carries its
+                # initial status); a non-owner never replaces a value HQ holds.
+                owner = may_write(rules.owners[name], writer.principals, creating=False)
+                if not owner and old_stamp == NO_STAMP:
+                    if won:  # the initial value: allowed, but any owner write outranks it
+                        self.stand_ins[stamp] = NO_STAMP
+                        verdict.stand_ins.append((stamp, NO_STAMP))
+                    continue
+                if not owner:
+                    if won and old_value == value:
+                        # Rewrote the value already there: it counts as the write it replaced.
+                        self.stand_ins[stamp] = self.effective(old_stamp)
+                        verdict.stand_ins.append((stamp, self.stand_ins[stamp]))
+                    elif won:
+                        verdict.restore(name, old_value, old_stamp, self.real_time(old_stamp))
+                        note = (
+                            f"only {rules.owners[name]} writes this field: the write was reverted"
+                        )
+                        sides = (Side(old_value, *old_stamp), Side(value, *stamp))
+                        verdict.events.append(QueueEvent("auto", name, policy, sides, note))
+                    continue
+                current = state.stamps[name]
+                if not won and stamp > self.effective(current) and state.values[name] == value:
+                    # Outranked by a stand-in holding the same value: that value is now the
+                    # owner's, as of this write.
+                    self.stand_ins[current] = stamp
+                    verdict.stand_ins.append((current, stamp))
+                    continue
+                if not won and stamp > self.effective(current):
+                    # An owner's write outranked only by HQ's revert of an older value, or by a
+                    # non-owner's initial value: the owner's write stands.
+                    verdict.restore(name, value, stamp, self.real_time(stamp))
+                    note = "an owner's write was outranked by a non-owner's value: reinstated"
+                    sides = (Side(value, *stamp), Side(state.values[name], *current))
+                    verdict.events.append(QueueEvent("auto", name, policy, sides, note))
+                    continue
             if name not in concurrent or old_stamp == NO_STAMP:
                 continue
             if policy == "review":
                 continue  # the heads decide, and a person; never corrected behind their back
             current_value = state.values.get(name)
             if won and old_value != value:
-                if self.real_time(stamp) < self.real_time(old_stamp) and verdict.skewed is not None:
-                    verdict.corrections[name] = old_value
+                if verdict.skewed is not None and self.real_time(stamp) < self.real_time(old_stamp):
+                    verdict.restore(name, old_value, old_stamp, self.real_time(old_stamp))
                     note = "stamped ahead by a wrong clock; the later edit was restored"
                     winner, loser = Side(old_value, *old_stamp), Side(value, *stamp)
                     verdict.events.append(QueueEvent("auto", name, "clock", (winner, loser), note))
                 elif policy == "lww":
-                    verdict.events.append(
-                        QueueEvent(
-                            "auto", name, policy, (Side(value, *stamp), Side(old_value, *old_stamp))
-                        )
-                    )
+                    sides = (Side(value, *stamp), Side(old_value, *old_stamp))
+                    verdict.events.append(QueueEvent("auto", name, policy, sides))
             elif not won and current_value != value:
                 current = state.stamps[name]
-                if self.real_time(current) < self.real_time(stamp) and current in self.skewed_time:
-                    verdict.corrections[name] = value
+                if current in self.skewed_time and self.real_time(current) < self.real_time(stamp):
+                    verdict.restore(name, value, stamp, self.real_time(stamp))
                     note = "the winning stamp came from a wrong clock; the later edit was restored"
                     winner, loser = Side(value, *stamp), Side(current_value, *current)
                     verdict.events.append(QueueEvent("auto", name, "clock", (winner, loser), note))
                 elif policy == "lww":
-                    verdict.events.append(
-                        QueueEvent(
-                            "auto",
-                            name,
-                            policy,
-                            (Side(current_value, *current), Side(value, *stamp)),
-                        )
-                    )
+                    sides = (Side(current_value, *current), Side(value, *stamp))
+                    verdict.events.append(QueueEvent("auto", name, policy, sides))
         return verdict
+
+    def _delete(
+        self, state: RecordState, change: Change, rules: FieldPolicies, verdict: Verdict
+    ) -> None:
+        """A delete; one stamped ahead by a wrong clock does not remove edits made later in
+        real time: HQ writes them again (lww between deletes and updates, by real time)."""
+        before = {name: (state.values[name], state.stamps[name]) for name in state.stamps}
+        before_heads = {f: state.conflict(f) for f in state.heads}
+        apply_change(state, change, rules.review)
+        self._review_events(state, before_heads, verdict)
+        if verdict.skewed is None:
+            return
+        for name, (value, stamp) in before.items():
+            if name not in state.stamps and self.real_time(stamp) > verdict.skewed:
+                verdict.restore(name, value, stamp, self.real_time(stamp))
+        if verdict.corrections:
+            note = "a delete stamped ahead by a wrong clock; the later edits were restored"
+            sides = (Side(None, change.hlc, change.origin),)
+            verdict.events.append(QueueEvent("auto", "*", "clock", sides, note))
+
+    def _dead_on_arrival(
+        self,
+        state: RecordState,
+        change: Change,
+        rules: FieldPolicies,
+        writer: Writer,
+        verdict: Verdict,
+    ) -> None:
+        """An upsert at or below the record's tombstone: dead -- unless the tombstone came from a
+        wrong clock and the upsert was made later in real time; then HQ writes it again."""
+        tomb = state.tombstone
+        stamp: Stamp = (change.hlc, change.origin)
+        if tomb not in self.skewed_time or self.real_time(stamp) <= self.real_time(tomb):
+            return
+        for name, value in change.fields.items():
+            owner = rules.owners.get(name)
+            if owner and not writer.hq and not may_write(owner, writer.principals, creating=True):
+                continue
+            verdict.restore(name, value, stamp, self.real_time(stamp))
+        if verdict.corrections:
+            note = "an edit made after a delete stamped ahead by a wrong clock: restored"
+            sides = (Side(None, *tomb),)
+            verdict.events.append(QueueEvent("auto", "*", "clock", sides, note))
 
     @staticmethod
     def _review_events(
-        state: RecordState,
-        before: Mapping[str, list[Head] | None],
-        rules: FieldPolicies,
-        verdict: Verdict,
+        state: RecordState, before: Mapping[str, list[Head] | None], verdict: Verdict
     ) -> None:
         for name, was in before.items():
             now = state.conflict(name)
@@ -228,6 +310,6 @@ def skew_candidates(states: Collection[RecordState], now_ms: int, max_ahead_ms: 
     return {
         stamp
         for state in states
-        for stamp in state.stamps.values()
+        for stamp in (*state.stamps.values(), state.tombstone)
         if physical_ms(stamp[0]) > limit
     }

@@ -53,7 +53,7 @@ import orjson
 from hq_server.conflicts import HQ_WRITER, Judge, QueueEvent, Writer, skew_candidates
 from protocol.change import Change, Op
 from protocol.hlc import pack as pack_hlc
-from protocol.hlc import system_ms
+from protocol.hlc import physical_ms, system_ms
 from protocol.identity import node_id_for
 from protocol.merge import NO_POLICIES, FieldPolicies, RecordState, Stamp
 
@@ -142,6 +142,15 @@ CREATE TABLE IF NOT EXISTS skewed_stamps (
     hlc INTEGER NOT NULL,
     real_ms INTEGER NOT NULL,
     PRIMARY KEY (origin, hlc)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stand_ins (
+    -- What a stamp counts as for source_of_truth fields (hq_server.conflicts): an HQ correction
+    -- counts as the write it restored, a non-owner's initial value as nothing (0, '').
+    hlc INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    for_hlc INTEGER NOT NULL,
+    for_origin TEXT NOT NULL,
+    PRIMARY KEY (hlc, origin)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batch_digests (
     -- What every applied batch held (ingest.batch_digest: change sequences, timestamps, ops,
@@ -1016,6 +1025,7 @@ class SQLiteHQStore:
             now_ms=now,
             max_ahead_ms=self.max_ahead_ms,
             skewed_time=await self._skewed_times(conn, states.values(), now),
+            stand_ins=await self._stand_ins(conn, states),
         )
         rows = await conn.execute_fetchall(
             "SELECT seq FROM sqlite_sequence WHERE name = 'changelog'"
@@ -1025,6 +1035,7 @@ class SQLiteHQStore:
         log_rows = []
         events: list[tuple[Change, int, QueueEvent]] = []
         skewed: list[tuple[str, int, int]] = []
+        stand_ins: list[tuple[int, str, int, str]] = []
         pending = deque((change, writer) for change in fresh)
         while pending:
             change, author = pending.popleft()
@@ -1034,11 +1045,19 @@ class SQLiteHQStore:
             events.extend((change, seq, e) for e in verdict.events)
             if verdict.skewed is not None:
                 skewed.append((change.origin, change.hlc, verdict.skewed))
+            stand_ins.extend((*stamp, *counts_as) for stamp, counts_as in verdict.stand_ins)
             if verdict.corrections:
                 fix = await self._hq_change(conn, change.collection, change.key, state, now)
-                # Next, before the batch's later changes: its stamp is above the record's
-                # version *now*, and must be applied before anything can raise that version.
-                pending.appendleft((replace(fix, fields=verdict.corrections), HQ_WRITER))
+                fix = replace(fix, fields=verdict.corrections)
+                # The correction counts as the write it restores (and its real time) ...
+                fixer = Writer(
+                    hq=True, stands_for=verdict.restores, real_ms=verdict.restores_real_ms
+                )
+                if verdict.restores is not None:
+                    stand_ins.append((fix.hlc, fix.origin, *verdict.restores))
+                # ... and comes next, before the batch's later changes: its stamp is above the
+                # record's version *now*, and must be applied before anything can raise that.
+                pending.appendleft((fix, fixer))
             touched[(change.collection, change.key)] = seq
             log_rows.append(
                 (
@@ -1062,9 +1081,60 @@ class SQLiteHQStore:
                 "INSERT OR REPLACE INTO skewed_stamps(origin, hlc, real_ms) VALUES (?, ?, ?)",
                 skewed,
             )
+        if stand_ins:
+            await conn.executemany(
+                "INSERT OR REPLACE INTO stand_ins(hlc, origin, for_hlc, for_origin) "
+                "VALUES (?, ?, ?, ?)",
+                stand_ins,
+            )
+        # Settled conflicts (the lww log, reverts) in one statement: there can be one per field
+        # of every change in a batch.
+        await conn.executemany(
+            "INSERT INTO conflicts(collection, key, field, policy, status, sides, note, "
+            "opened_at, opened_seq, closed_at, closed_seq) "
+            "VALUES (?, ?, ?, ?, 'auto', ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    change.collection,
+                    change.key,
+                    e.field,
+                    e.policy,
+                    _dumps([side.to_json() for side in e.sides]),
+                    e.note,
+                    now,
+                    at_seq,
+                    now,
+                    at_seq,
+                )
+                for change, at_seq, e in events
+                if e.kind == "auto"
+            ],
+        )
         for change, at_seq, queue_event in events:
-            await self._queue(conn, change, at_seq, queue_event, now)
+            if queue_event.kind != "auto":
+                await self._queue(conn, change, at_seq, queue_event, now)
         return len(fresh), len(changes) - len(fresh)
+
+    async def _stand_ins(
+        self, conn: aiosqlite.Connection, states: dict[tuple[str, str], RecordState]
+    ) -> dict[Stamp, Stamp]:
+        """What the stamps of source_of_truth fields in `states` count as (HQ's corrections, a
+        non-owner's initial values); one query for the whole batch."""
+        wanted = {
+            stamp
+            for (collection, _), state in states.items()
+            for name in self.policies.get(collection, NO_POLICIES).owners
+            if (stamp := state.stamps.get(name)) is not None
+        }
+        if not wanted:
+            return {}
+        rows = await conn.execute_fetchall(
+            "SELECT s.hlc, s.origin, s.for_hlc, s.for_origin FROM stand_ins s JOIN "
+            "(SELECT json_extract(value, '$[0]') AS hlc, json_extract(value, '$[1]') AS origin "
+            "FROM json_each(?)) w ON s.hlc = w.hlc AND s.origin = w.origin",
+            (_dumps(sorted(wanted)),),
+        )
+        return {(hlc, origin): (for_hlc, for_origin) for hlc, origin, for_hlc, for_origin in rows}
 
     async def _skewed_times(
         self, conn: aiosqlite.Connection, states: Iterable[RecordState], now: int
@@ -1094,11 +1164,18 @@ class SQLiteHQStore:
         )
         meta = {k: int(v) for k, v in rows}
         seq = meta.get("hq_change_seq", 0) + 1
-        hlc = max(pack_hlc(now), state.version + 1, meta.get("hq_last_hlc", 0) + 1)
+        # Above the record's version (which a wrong clock may have put far ahead) and above the
+        # stamps HQ issued before -- but HQ's own sequence never inherits such a jump, or every
+        # later HQ change would be stamped far ahead too.
+        bound = now + self.max_ahead_ms
+        last = meta.get("hq_last_hlc", 0)
+        last = last if physical_ms(last) <= bound else 0
+        hlc = max(pack_hlc(now), state.version + 1, last + 1)
+        last_kept = hlc if physical_ms(hlc) <= bound else max(last, pack_hlc(now))
         await conn.executemany(
             "INSERT INTO meta(key, value) VALUES (?, ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [("hq_change_seq", str(seq)), ("hq_last_hlc", str(hlc))],
+            [("hq_change_seq", str(seq)), ("hq_last_hlc", str(last_kept))],
         )
         return Change(collection, key, "upsert", {}, hlc, state.version, self.origin, seq)
 
@@ -1108,14 +1185,7 @@ class SQLiteHQStore:
         """Record one conflict-queue event (see QueueEvent) in the conflicts table."""
         sides = _dumps([side.to_json() for side in queued.sides])
         where = (change.collection, change.key, queued.field)
-        if queued.kind == "auto":
-            await conn.execute(
-                "INSERT INTO conflicts(collection, key, field, policy, status, sides, note, "
-                "opened_at, opened_seq, closed_at, closed_seq) "
-                "VALUES (?, ?, ?, ?, 'auto', ?, ?, ?, ?, ?, ?)",
-                (*where, queued.policy, sides, queued.note, now, seq, now, seq),
-            )
-        elif queued.kind == "opened":
+        if queued.kind == "opened":
             ancestor = await self._ancestor(conn, change, queued)
             reviewer = self.policies.get(change.collection, NO_POLICIES).reviewers
             await conn.execute(
@@ -1363,6 +1433,17 @@ class SQLiteHQStore:
             except (TypeError, ValueError, OverflowError) as e:
                 raise UnstorableChange(f"resolution value cannot be stored: {e}") from e
             await self._apply(conn, [change], now, HQ_WRITER)
+            # Closed by the change's merge -- or still open when the field is no longer under
+            # review (the collections file changed since): then it is closed here.
+            await conn.execute(
+                "UPDATE conflicts SET status = 'resolved', closed_at = ?, resolution = ? "
+                "WHERE id = ? AND status = 'open'",
+                (
+                    now,
+                    _dumps({"value": value, "origin": change.origin, "seq": change.seq}),
+                    conflict_id,
+                ),
+            )
             by = {"by": actor, "note": note}
             await conn.execute(
                 "UPDATE conflicts SET resolution = json_patch(resolution, ?) WHERE id = ?",

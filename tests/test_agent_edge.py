@@ -16,6 +16,8 @@ from agent.capture.api import create_app
 from agent.capture.validate import EdgeValidator
 from agent.config import load_agent_config
 from agent.store import AgentStore
+from protocol.change import Change
+from protocol.merge import RecordState, apply_change
 
 COLLECTIONS = """
 [references.regions]
@@ -59,6 +61,16 @@ id = { type = "string" }
 qty = { type = "integer", required = true }
 [collections.alerts.flags]
 normal_quantity = { check = "compare", field = "qty", op = "<=", value = 100 }
+
+[collections.cases]
+key = "id"
+forward = "exceptions"
+[collections.cases.fields]
+id = { type = "string" }
+qty = { type = "integer", required = true }
+note = { type = "string" }
+[collections.cases.flags]
+normal_quantity = { check = "compare", field = "qty", op = "<=", value = 100 }
 """
 
 
@@ -69,6 +81,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[TestClient[Any, Any], Age
         f'[agent]\ndata_dir = "{tmp_path / "data"}"\ncollections_file = "collections.toml"\n'
         '[collections.people]\nkey = "id"\n[collections.events]\nkey = "id"\n'
         '[collections.alerts]\nkey = "id"\n[collections.event_totals]\nkey = "key"\n'
+        '[collections.cases]\nkey = "id"\n'
     )
     config = load_agent_config(tmp_path / "agent.toml")
     store = await AgentStore.open(tmp_path / "agent.db", "node1")
@@ -188,3 +201,26 @@ async def test_exceptions_forward_only_flagged_records_with_their_flags(
     assert fields == {"id": "a2", "qty": 500, "flags": ["normal_quantity"]}
     local = await (await client.get("/v1/collections/alerts/records/a1")).json()
     assert local == {"id": "a1", "qty": 5}
+
+
+async def test_a_record_sent_whole_on_its_first_flag_converges_with_hq(
+    setup: tuple[TestClient[Any, Any], AgentStore],
+) -> None:
+    """Kept locally, then flagged and sent whole: the agent's copy must count every sent field
+    as written by that change, as HQ does, or a write stamped in between diverges."""
+    client, store = setup
+    first = await client.put(
+        "/v1/collections/cases/records/c1", json={"id": "c1", "qty": 5, "note": "x"}
+    )
+    assert (await first.json())["seq"] is None  # kept on the agent
+    flagged = await client.patch("/v1/collections/cases/records/c1", json={"qty": 999})
+    assert (await flagged.json())["seq"] is not None
+    (sent,) = await store.unsealed_changes(10, 1 << 20)
+    assert sent.parent == 0 and sent.fields["note"] == "x"
+    # Another node's write, stamped between the local write and the flagged one.
+    between = Change("cases", "c1", "upsert", {"note": "y"}, sent.hlc - 1, 0, "nother", 1)
+    await store.apply_feed([between], 1)
+    at_hq = RecordState()
+    for change in (sent, between):
+        apply_change(at_hq, change)
+    assert await store.get("cases", "c1") == at_hq.values
