@@ -114,7 +114,18 @@ def partial_check(validator: EdgeValidator | None) -> Callable[[Write], Sequence
     """The edge validator's check of the fields a write carries (for conflict resolutions)."""
     if validator is None:
         return None
-    return lambda write: validator.check(write, partial=True)
+
+    def check(write: Write) -> Sequence[object]:
+        # Checked under the fields' declared names (a conflict names a renamed field by its wire
+        # name), on a copy: the resolution itself is written as it is, outside the edge steps.
+        collection = validator.collections.collections.get(write.collection)
+        fields = write.fields
+        if collection is not None:
+            fields = {collection.declared_name(n): v for n, v in fields.items()}
+        probe = Write(write.collection, write.key, write.op, fields, must_exist=write.must_exist)
+        return validator.check(probe, partial=True)
+
+    return check
 
 
 async def _serve_api(agent: Agent, validator: EdgeValidator | None, stop: asyncio.Event) -> None:

@@ -149,15 +149,18 @@ def resolution_problems(
 ) -> list[str]:
     """What is wrong with `value` as the new value of the conflict's field, checked as an agent
     checks a resolution (the field's schema, `protocol.validation`, partial record): HQ's change
-    reaches every node, so it must be one they would accept. Fields the collections file does
-    not declare under this name (undeclared collections, renamed fields) are not checked."""
+    reaches every node, so it must be one they would accept. A renamed field is checked under its
+    declared name; fields of undeclared collections are not checked."""
     collection = collections.collections.get(entry.collection) if collections else None
-    if collections is None or collection is None or entry.field not in collection.fields:
+    if collections is None or collection is None:
+        return []
+    name = collection.declared_name(entry.field)
+    if name not in collection.fields:
         return []
     now = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC)
     violations = validate(
         collection,
-        {entry.field: value},
+        {name: value},
         references=collections.references,
         today=now.date(),
         now=now,

@@ -429,14 +429,17 @@ class Collection:
     def append_only(self) -> bool:
         return self.mode == "append_only"
 
-    def _spec(self, name: str) -> Field | None:
-        """The declaration of a top-level field, by its own name or its wire name."""
-        spec = self.fields.get(name)
-        if spec is None and self.transform is not None and self.transform.rename:
+    def declared_name(self, name: str) -> str:
+        """The name a field is declared under, given its own name or its wire name (rename)."""
+        if name not in self.fields and self.transform is not None:
             for local, wire in self.transform.rename.items():
                 if wire == name:
-                    return self.fields.get(local)
-        return spec
+                    return local
+        return name
+
+    def _spec(self, name: str) -> Field | None:
+        """The declaration of a top-level field, by its own name or its wire name."""
+        return self.fields.get(self.declared_name(name))
 
     def policy(self, name: str) -> str:
         """The conflict policy of a top-level field ("lww" for undeclared fields). A renamed

@@ -5,6 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from agent import review
+from agent.capture.validate import EdgeValidator
+from agent.config import load_agent_config
+from agent.service import partial_check
 from agent.store import AgentStore, Write
 from protocol.change import Change
 from protocol.collections import load_collections
@@ -68,5 +74,48 @@ async def test_review_conflict_from_the_feed_is_listed_and_resolved_locally(
         assert done.seq is not None
         assert await store.open_conflicts() == []
         assert (await store.get("beneficiaries", "B1"))["household_size"] == 6  # type: ignore[index]
+    finally:
+        await store.close()
+
+
+RENAMED = """
+[collections.people]
+key = "id"
+[collections.people.fields]
+id = { type = "string" }
+size = { type = "integer", min = 1, policy = "review", owner = "group:g" }
+[collections.people.transform]
+rename = { size = "hh_size" }
+"""
+
+
+async def test_a_renamed_review_field_is_resolved_under_its_wire_name(tmp_path: Path) -> None:
+    (tmp_path / "collections.toml").write_text(RENAMED)
+    (tmp_path / "agent.toml").write_text(
+        f'[agent]\ndata_dir = "{tmp_path / "data"}"\ncollections_file = "collections.toml"\n'
+        '[collections.people]\nkey = "id"\n'
+    )
+    config = load_agent_config(tmp_path / "agent.toml")
+    policies = field_policies(load_collections(tmp_path / "collections.toml"))
+    store = await AgentStore.open(tmp_path / "agent.db", ME, policies)
+    try:
+        validator = EdgeValidator.for_agent(config, store.clock.physical)
+        check = partial_check(validator)
+        (first,) = await store.write([Write("people", "p1", "upsert", {"id": "p1", "hh_size": 3})])
+        assert first.hlc is not None
+        mine = Write("people", "p1", "upsert", {"hh_size": 4})
+        await store.write([mine])
+        theirs = Change(
+            "people", "p1", "upsert", {"hh_size": 5}, first.hlc + 10**9, first.hlc, OTHER, 1
+        )
+        await store.apply_feed([theirs], 1, ["group:g"])
+        ((_, _, name, _),) = await store.open_conflicts()
+        assert name == "hh_size"
+        with pytest.raises(review.ReviewError) as refused:
+            await review.resolve(store, "people", "p1", name, value=0, check=check)
+        assert refused.value.status == 422  # min = 1, checked under the declared name
+        await review.resolve(store, "people", "p1", name, take=2, check=check)
+        assert await store.open_conflicts() == []
+        assert (await store.get("people", "p1")) == {"id": "p1", "hh_size": 4}
     finally:
         await store.close()

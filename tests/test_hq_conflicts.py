@@ -563,3 +563,29 @@ async def test_a_conflict_left_open_by_a_policy_change_can_still_be_resolved(
         assert done.status == "resolved" and done.resolution is not None
         assert (done.resolution["value"], done.resolution["by"]) == (5, "cli:ops")
         assert await store.list_conflicts() == []
+
+
+def test_hq_checks_a_renamed_review_field_under_its_declared_name() -> None:
+    from hq_server.admin_api import resolution_problems
+    from hq_server.store import ConflictEntry
+    from protocol.collections import collections_from_dict
+
+    collections = collections_from_dict(
+        {
+            "collections": {
+                "people": {
+                    "key": "id",
+                    "fields": {
+                        "id": {"type": "string"},
+                        "size": {"type": "integer", "min": 1, "policy": "review"},
+                    },
+                    "transform": {"rename": {"size": "hh_size"}},
+                }
+            }
+        }
+    )
+    entry = ConflictEntry(
+        1, "people", "p1", "hh_size", "review", "open", [], None, None, "", 0, None, None
+    )
+    assert resolution_problems(collections, entry, 0, system_ms())
+    assert resolution_problems(collections, entry, 3, system_ms()) == []
