@@ -5,6 +5,12 @@ Endpoints (registered by `hq_server.app.create_app`)::
     GET  /v1/admin/conflicts?status=open|resolved|auto|all&collection=C&after=ID&limit=N
     GET  /v1/admin/conflicts/{id}
     POST /v1/admin/conflicts/{id}/resolve     {"value": V} or {"take": N}, optional "note"
+    PATCH /v1/admin/records/{collection}/{key}  {"field": value, ...}: an HQ system writes fields
+
+An HQ system (case management, say) writes with a token named after it: token NAME writes as
+`hq:NAME`, so it may change the source_of_truth fields owned by `hq:NAME` and any lww or review
+field -- never a field another owner holds (403). Its write is an HQ change like a resolution:
+checked against the field schema, logged, routed and sent to every node.
 
 Every request carries `Authorization: Bearer <token>`, a token from `fieldsync-hq api-token
 create NAME`. Only its SHA-256 is stored and a request's token is looked up by that hash, so
@@ -18,7 +24,8 @@ turns the errors below into responses)::
     ├── Unauthorized   (401) no bearer token, or an unknown or revoked one
     ├── BadRequest     (400) query parameters or body not as documented, or a value the
     │                        field's schema refuses; nothing changed
-    ├── NotFound       (404) no conflict with this id
+    ├── Forbidden      (403) a source_of_truth field owned by someone else
+    ├── NotFound       (404) no conflict with this id, no such record
     └── NotOpen        (409) the conflict is already resolved (or was logged as settled)
 
 The conflict document (`conflict_json`) is the one `fieldsync-hq conflicts ... --json` prints:
@@ -74,6 +81,11 @@ class BadRequest(ProtocolError):
 class NotFound(ProtocolError):
     code = "not_found"
     http_status = 404
+
+
+class Forbidden(ProtocolError):
+    code = "forbidden"
+    http_status = 403
 
 
 class NotOpen(ProtocolError):
@@ -144,29 +156,40 @@ def side_value(entry: ConflictEntry, take: int) -> Any:
     return entry.sides[take - 1]["value"]
 
 
-def resolution_problems(
-    collections: CollectionsConfig | None, entry: ConflictEntry, value: Any, now_ms: int
+def field_problems(
+    collections: CollectionsConfig | None,
+    collection_name: str,
+    fields: Mapping[str, Any],
+    now_ms: int,
 ) -> list[str]:
-    """What is wrong with `value` as the new value of the conflict's field, checked as an agent
-    checks a resolution (the field's schema, `protocol.validation`, partial record): HQ's change
-    reaches every node, so it must be one they would accept. A renamed field is checked under its
-    declared name; fields of undeclared collections are not checked."""
-    collection = collections.collections.get(entry.collection) if collections else None
+    """What the collection's schema says against these fields of a record (partial check;
+    renamed fields by their wire names); nothing for collections the file does not declare."""
+    collection = collections.collections.get(collection_name) if collections else None
     if collections is None or collection is None:
         return []
-    name = collection.declared_name(entry.field)
-    if name not in collection.fields:
-        return []
     now = dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC)
+    declared = {collection.declared_name(n): v for n, v in fields.items()}
     violations = validate(
         collection,
-        {name: value},
+        declared,
         references=collections.references,
         today=now.date(),
         now=now,
         partial=True,
     )
     return [str(v) for v in violations]
+
+
+def resolution_problems(
+    collections: CollectionsConfig | None, entry: ConflictEntry, value: Any, now_ms: int
+) -> list[str]:
+    """What is wrong with `value` as the new value of the conflict's field, checked as an agent
+    checks a resolution (the field's schema, partial record): HQ's change reaches every node, so
+    it must be one they would accept. A field no longer declared is not checked."""
+    collection = collections.collections.get(entry.collection) if collections else None
+    if collection is None or collection.declared_name(entry.field) not in collection.fields:
+        return []
+    return field_problems(collections, entry.collection, {entry.field: value}, now_ms)
 
 
 def _no_constant(name: str) -> Any:
@@ -204,16 +227,20 @@ class AdminAPI:
         collections: Callable[[], CollectionsConfig | None],
         wall: Callable[[], int],
         note: Callable[..., None],
+        changed: Callable[[], None] = lambda: None,
     ) -> None:
+        """`changed` is called after HQ wrote a change (it wakes the router)."""
         self._store = store
         self._collections = collections
         self._wall = wall
         self._note = note
+        self._changed = changed
 
     def register(self, app: web.Application) -> None:
         app.router.add_get(CONFLICTS_PATH, self.list_conflicts)
         app.router.add_get(f"{CONFLICTS_PATH}/{_ID}", self.show_conflict)
         app.router.add_post(f"{CONFLICTS_PATH}/{_ID}/resolve", self.resolve_conflict)
+        app.router.add_patch(f"{PREFIX}/records/{{collection}}/{{key}}", self.write_record)
         app.on_response_prepare.append(_challenge)
 
     async def _caller(self, request: web.Request) -> ApiToken:
@@ -296,7 +323,61 @@ class AdminAPI:
         except UnstorableChange as e:
             raise BadRequest(str(e)) from e
         self._note(result="resolved")
+        self._changed()
         return web.json_response(conflict_json(done, await node_names(store)))
+
+    async def write_record(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request)
+        collection_name, key = request.match_info["collection"], request.match_info["key"]
+        self._note(collection=collection_name, key=key)
+        try:
+            fields = parse_json(await _read_body(request))
+        except ValueError as e:
+            raise BadRequest(f"the body must be a JSON object of fields: {e}") from e
+        if not isinstance(fields, dict) or not fields:
+            raise BadRequest("the body must be a JSON object of the fields to write")
+        collections = self._collections()
+        collection = collections.collections.get(collection_name) if collections else None
+        system = f"hq:{caller.name}"
+        if collection is not None:
+            if collection.key in fields:
+                raise BadRequest(f"{collection.key!r} is the record key: it cannot change")
+            for name in fields:
+                owner = collection.owner(name)
+                if collection.policy(name) == "source_of_truth" and owner != system:
+                    raise Forbidden(
+                        f"{collection_name}.{name} is owned by {owner}; token {caller.name!r} "
+                        f"writes as {system}"
+                    )
+        problems = field_problems(collections, collection_name, fields, self._wall())
+        if problems:
+            raise BadRequest(f"{collection_name}/{key}: {'; '.join(problems)}")
+        store = self._store()
+        record = await store.get_record(collection_name, key)
+        if record is None or record.deleted:
+            raise NotFound(f"no record {key!r} in {collection_name}")
+        try:
+            change = await store.write_record(
+                collection_name,
+                key,
+                fields,
+                actor=caller.actor,
+                action="record.write",
+                detail={"fields": sorted(fields)},
+            )
+        except UnstorableChange as e:
+            raise BadRequest(str(e)) from e
+        self._changed()
+        written = await store.get_record(collection_name, key)
+        self._note(result="written", seq=change.seq)
+        return web.json_response(
+            {
+                "collection": collection_name,
+                "key": key,
+                "change": {"origin": change.origin, "seq": change.seq, "hlc": change.hlc},
+                "record": written.data if written is not None else None,
+            }
+        )
 
 
 class _Take:

@@ -414,6 +414,7 @@ def create_app(config: HQConfig, *, wall: Callable[[], int] = system_ms) -> web.
         collections=lambda: app[STATE].collections,
         wall=wall,
         note=_note,
+        changed=lambda: router.notify() if (router := app[STATE].router) else None,
     ).register(app)
     return app
 

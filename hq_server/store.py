@@ -581,6 +581,19 @@ class HQStore(Protocol):
     async def get_conflict(self, conflict_id: int) -> ConflictEntry:
         """One conflict; ConflictNotFound if there is none with this id."""
 
+    async def write_record(
+        self,
+        collection: str,
+        key: str,
+        fields: dict[str, Any],
+        *,
+        actor: str,
+        action: str,
+        detail: dict[str, Any] | None = None,
+    ) -> Change:
+        """Write fields of a record as a change of HQ's own, applied and sent to every node like
+        any change; audited as `action`. UnstorableChange if a value cannot be stored."""
+
     async def resolve_conflict(
         self, conflict_id: int, value: Any, *, actor: str, note: str = ""
     ) -> ConflictEntry:
