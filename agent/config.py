@@ -6,7 +6,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol.config import at_least, between, listen_address, load, positive, setting
+from protocol.config import (
+    ConfigError,
+    at_least,
+    between,
+    listen_address,
+    load,
+    positive,
+    setting,
+)
+from protocol.references import RESERVED_PREFIX
 
 DEFAULT_CONFIG_PATH = Path("/etc/fieldsync/agent.toml")
 
@@ -110,6 +119,14 @@ class AgentConfig:
 
 def load_agent_config(path: Path | str) -> AgentConfig:
     config = load(AgentConfig, path)
+    for name in config.collections:
+        if name.startswith(RESERVED_PREFIX):
+            raise ConfigError(
+                path,
+                f"collections.{name}",
+                f"names starting with {RESERVED_PREFIX!r} are reserved for what HQ sends "
+                "(reference tables)",
+            )
     collections_file = config.agent.collections_file
     if collections_file is not None and not collections_file.is_absolute():
         resolved = Path(path).resolve().parent / collections_file

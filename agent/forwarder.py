@@ -19,6 +19,7 @@ from agent.store import AgentStore
 from protocol.hlc import system_ms
 from protocol.references import REFERENCES_COLLECTION
 
+PROBE_EVERY = 4  # see sync_once
 log = logging.getLogger("fieldsync.agent.forwarder")
 MIN_BATCH_LIMIT = 16
 
@@ -130,7 +131,9 @@ class Forwarder:
         After a failure the link is first probed with the pull (a small signed GET): sealing a
         batch for a link that is still down would claim summary rows that could otherwise keep
         absorbing increments (fewer bytes once the link returns)."""
-        if self.backoff.failures:
+        # Every PROBE_EVERY-th attempt pushes without probing: a feed page that keeps failing
+        # (reported like a link failure) must not stop uploads for good.
+        if self.backoff.failures % PROBE_EVERY:
             try:
                 await self.pull_all()
             except TransientError:

@@ -52,9 +52,10 @@ from hq_server.store import (
     HQStore,
     UnstorableChange,
 )
-from protocol.collections import CollectionsConfig
+from protocol.collections import CollectionsConfig, ReferenceTable
 from protocol.errors import Oversize, ProtocolError
 from protocol.hlc import physical_ms
+from protocol.references import REFERENCES_COLLECTION, newer_tables
 from protocol.validation import validate
 
 PREFIX = "/v1/admin"
@@ -156,14 +157,28 @@ def side_value(entry: ConflictEntry, take: int) -> Any:
     return entry.sides[take - 1]["value"]
 
 
+async def current_references(
+    store: HQStore, collections: CollectionsConfig | None
+) -> dict[str, ReferenceTable]:
+    """The reference tables records are judged against now: the collections file's, replaced by
+    the newer ones HQ has sent (as the agents use them)."""
+    if collections is None:
+        return {}
+    pushed = await store.list_records(REFERENCES_COLLECTION, limit=10_000)
+    used, _ = newer_tables(collections.references, (r.data for r in pushed))
+    return {**collections.references, **used}
+
+
 def field_problems(
     collections: CollectionsConfig | None,
     collection_name: str,
     fields: Mapping[str, Any],
     now_ms: int,
+    references: Mapping[str, ReferenceTable] | None = None,
 ) -> list[str]:
     """What the collection's schema says against these fields of a record (partial check;
-    renamed fields by their wire names); nothing for collections the file does not declare."""
+    renamed fields by their wire names); nothing for collections the file does not declare.
+    `references`: the tables to check codes against (`current_references`)."""
     collection = collections.collections.get(collection_name) if collections else None
     if collections is None or collection is None:
         return []
@@ -172,7 +187,7 @@ def field_problems(
     violations = validate(
         collection,
         declared,
-        references=collections.references,
+        references=collections.references if references is None else references,
         today=now.date(),
         now=now,
         partial=True,
@@ -181,7 +196,11 @@ def field_problems(
 
 
 def resolution_problems(
-    collections: CollectionsConfig | None, entry: ConflictEntry, value: Any, now_ms: int
+    collections: CollectionsConfig | None,
+    entry: ConflictEntry,
+    value: Any,
+    now_ms: int,
+    references: Mapping[str, ReferenceTable] | None = None,
 ) -> list[str]:
     """What is wrong with `value` as the new value of the conflict's field, checked as an agent
     checks a resolution (the field's schema, partial record): HQ's change reaches every node, so
@@ -189,7 +208,7 @@ def resolution_problems(
     collection = collections.collections.get(entry.collection) if collections else None
     if collection is None or collection.declared_name(entry.field) not in collection.fields:
         return []
-    return field_problems(collections, entry.collection, {entry.field: value}, now_ms)
+    return field_problems(collections, entry.collection, {entry.field: value}, now_ms, references)
 
 
 def _no_constant(name: str) -> Any:
@@ -309,7 +328,9 @@ class AdminAPI:
                 raise BadRequest(str(e)) from e
         else:
             value = choice
-        problems = resolution_problems(self._collections(), entry, value, self._wall())
+        collections = self._collections()
+        references = await current_references(store, collections)
+        problems = resolution_problems(collections, entry, value, self._wall(), references)
         if problems:
             raise BadRequest(
                 f"'value' is not a valid {entry.collection}.{entry.field}: {'; '.join(problems)}"
@@ -339,20 +360,29 @@ class AdminAPI:
         collections = self._collections()
         collection = collections.collections.get(collection_name) if collections else None
         system = f"hq:{caller.name}"
-        if collection is not None:
-            if collection.key in fields:
-                raise BadRequest(f"{collection.key!r} is the record key: it cannot change")
-            for name in fields:
-                owner = collection.owner(name)
-                if collection.policy(name) == "source_of_truth" and owner != system:
-                    raise Forbidden(
-                        f"{collection_name}.{name} is owned by {owner}; token {caller.name!r} "
-                        f"writes as {system}"
-                    )
-        problems = field_problems(collections, collection_name, fields, self._wall())
+        if collection is None:
+            raise NotFound(
+                f"collection {collection_name!r} is not declared in HQ's collections file "
+                "(hq.collections_file): HQ systems write declared collections only"
+            )
+        renamed = collection.transform.rename if collection.transform is not None else {}
+        for name in fields:
+            if name in renamed:
+                raise BadRequest(f"{name!r} is stored as {renamed[name]!r}: write that name")
+        if collection.key in fields:
+            raise BadRequest(f"{collection.key!r} is the record key: it cannot change")
+        for name in fields:
+            owner = collection.owner(name)
+            if collection.policy(name) == "source_of_truth" and owner != system:
+                raise Forbidden(
+                    f"{collection_name}.{name} is owned by {owner}; token {caller.name!r} "
+                    f"writes as {system}"
+                )
+        store = self._store()
+        references = await current_references(store, collections)
+        problems = field_problems(collections, collection_name, fields, self._wall(), references)
         if problems:
             raise BadRequest(f"{collection_name}/{key}: {'; '.join(problems)}")
-        store = self._store()
         record = await store.get_record(collection_name, key)
         if record is None or record.deleted:
             raise NotFound(f"no record {key!r} in {collection_name}")

@@ -22,6 +22,7 @@ import click
 
 from hq_server.admin_api import (
     conflict_json,
+    current_references,
     iso_time,
     node_names,
     parse_json,
@@ -551,7 +552,9 @@ def conflicts_resolve(
                 chosen = side_value(entry, take)
             except ValueError as e:
                 raise _BadInput(f"--take {take}: {e}") from e
-        problems = resolution_problems(collections, entry, chosen, int(time.time() * 1000))
+        references = await current_references(store, collections)
+        now_ms = int(time.time() * 1000)
+        problems = resolution_problems(collections, entry, chosen, now_ms, references)
         if problems:
             raise _BadInput(f"not a valid {entry.collection}.{entry.field}: {'; '.join(problems)}")
         done = await store.resolve_conflict(conflict_id, chosen, actor=_actor(), note=note)

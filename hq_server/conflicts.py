@@ -77,22 +77,38 @@ class QueueEvent:
 
 
 @dataclass(slots=True)
+class Correction:
+    """Field values HQ writes back as a change of its own. The change stands for the write whose
+    values it restores (`stands_for`, already resolved through earlier stand-ins; NO_STAMP for a
+    non-owner's initial value) and carries that write's real time: later comparisons (owner
+    writes, wrong clocks) are made against that write, not against HQ's stamp."""
+
+    fields: dict[str, Any]
+    stands_for: Stamp
+    real_ms: int
+
+
+@dataclass(slots=True)
 class Verdict:
     events: list[QueueEvent] = field(default_factory=list)
-    corrections: dict[str, Any] = field(default_factory=dict)  # field -> value HQ writes back
+    # One per restored write: a change stands for one write, so fields restored from different
+    # writes go in different changes.
+    corrections: list[Correction] = field(default_factory=list)
     skewed: int | None = None  # the change's estimated real time (ms) when its stamp is skewed
-    # The write HQ's correction restores (its stamp and real time): the correction stands in for
-    # it, so later comparisons (owner writes, wrong clocks) are made against that write.
-    restores: Stamp | None = None
-    restores_real_ms: int | None = None
     # Stamps that count as another for source_of_truth from now on (kept by the store): a
     # non-owner's initial value counts as NO_STAMP, so any owner write outranks it.
     stand_ins: list[tuple[Stamp, Stamp]] = field(default_factory=list)
 
-    def restore(self, name: str, value: Any, stamp: Stamp, real_ms: int) -> None:
-        self.corrections[name] = value
-        if self.restores is None or stamp > self.restores:
-            self.restores, self.restores_real_ms = stamp, real_ms
+    def restore(self, name: str, value: Any, stands_for: Stamp, real_ms: int) -> None:
+        for correction in self.corrections:
+            if correction.stands_for == stands_for:
+                correction.fields[name] = value
+                return
+        self.corrections.append(Correction({name: value}, stands_for, real_ms))
+
+    def corrected(self) -> dict[str, Any]:
+        """Every field HQ writes back, with its value."""
+        return {n: v for c in self.corrections for n, v in c.fields.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +214,9 @@ class Judge:
                         self.stand_ins[stamp] = self.effective(old_stamp)
                         verdict.stand_ins.append((stamp, self.stand_ins[stamp]))
                     elif won:
-                        verdict.restore(name, old_value, old_stamp, self.real_time(old_stamp))
+                        verdict.restore(
+                            name, old_value, self.effective(old_stamp), self.real_time(old_stamp)
+                        )
                         note = (
                             f"only {rules.owners[name]} writes this field: the write was reverted"
                         )
@@ -227,7 +245,9 @@ class Judge:
             current_value = state.values.get(name)
             if won and old_value != value:
                 if verdict.skewed is not None and self.real_time(stamp) < self.real_time(old_stamp):
-                    verdict.restore(name, old_value, old_stamp, self.real_time(old_stamp))
+                    verdict.restore(
+                        name, old_value, self.effective(old_stamp), self.real_time(old_stamp)
+                    )
                     note = "stamped ahead by a wrong clock; the later edit was restored"
                     winner, loser = Side(old_value, *old_stamp), Side(value, *stamp)
                     verdict.events.append(QueueEvent("auto", name, "clock", (winner, loser), note))
@@ -237,7 +257,7 @@ class Judge:
             elif not won and current_value != value:
                 current = state.stamps[name]
                 if current in self.skewed_time and self.real_time(current) < self.real_time(stamp):
-                    verdict.restore(name, value, stamp, self.real_time(stamp))
+                    verdict.restore(name, value, self.effective(stamp), self.real_time(stamp))
                     note = "the winning stamp came from a wrong clock; the later edit was restored"
                     winner, loser = Side(value, *stamp), Side(current_value, *current)
                     verdict.events.append(QueueEvent("auto", name, "clock", (winner, loser), note))
@@ -259,7 +279,7 @@ class Judge:
             return
         for name, (value, stamp) in before.items():
             if name not in state.stamps and self.real_time(stamp) > verdict.skewed:
-                verdict.restore(name, value, stamp, self.real_time(stamp))
+                verdict.restore(name, value, self.effective(stamp), self.real_time(stamp))
         if verdict.corrections:
             note = "a delete stamped ahead by a wrong clock; the later edits were restored"
             sides = (Side(None, change.hlc, change.origin),)
@@ -281,9 +301,12 @@ class Judge:
             return
         for name, value in change.fields.items():
             owner = rules.owners.get(name)
-            if owner and not writer.hq and not may_write(owner, writer.principals, creating=True):
-                continue
-            verdict.restore(name, value, stamp, self.real_time(stamp))
+            stands_for = stamp
+            if owner and not writer.hq and not may_write(owner, writer.principals, creating=False):
+                if name in state.stamps:
+                    continue  # a value is there: a non-owner never replaces it
+                stands_for = NO_STAMP  # a non-owner's initial value counts as nothing
+            verdict.restore(name, value, stands_for, self.real_time(stamp))
         if verdict.corrections:
             note = "an edit made after a delete stamped ahead by a wrong clock: restored"
             sides = (Side(None, *tomb),)

@@ -36,11 +36,14 @@ from protocol.envelope import Codec, Kind, open_sealed, read_header, seal
 from protocol.errors import ClockDrift, CorruptMessage, UnknownNode
 from protocol.hlc import MAX_HLC, HybridClock, format_hlc, physical_ms
 from protocol.identity import NodeIdentity
+from protocol.references import RESERVED_PREFIX
 from protocol.transport import ack_body
 
 log = logging.getLogger("fieldsync.hq.ingest")
 
 MAX_VALUE_DEPTH = 64
+# The highest stamp a node's change may carry: HQ keeps 2^32 stamps above it for its own changes.
+MAX_NODE_HLC = MAX_HLC - 2**32
 _PLAIN = frozenset({str, int, bool, type(None)})
 
 
@@ -120,6 +123,12 @@ def validate_batch(header: dict[str, Any], changes: list[Change]) -> list[Change
             )
         if not 0 < change.hlc <= MAX_HLC or not 0 <= change.parent <= MAX_HLC:
             raise CorruptMessage(f"change {change.seq}: timestamp or parent out of range")
+        if change.hlc > MAX_NODE_HLC:
+            # HQ must be able to write above any stamp it accepts (its corrections, resolutions).
+            raise CorruptMessage(
+                f"change {change.seq}: timestamp {change.hlc} is at the end of the clock's range "
+                f"(at most {MAX_NODE_HLC}); the node's clock is broken"
+            )
         if change.parent >= change.hlc:
             # A write comes after the version its writer saw; the conflict rules rely on it.
             raise CorruptMessage(
@@ -128,6 +137,11 @@ def validate_batch(header: dict[str, Any], changes: list[Change]) -> list[Change
             )
         if not change.collection or not change.key:
             raise CorruptMessage(f"change {change.seq}: collection and key must not be empty")
+        if change.collection.startswith(RESERVED_PREFIX):
+            raise CorruptMessage(
+                f"change {change.seq}: collection {change.collection!r} is reserved for HQ "
+                f"(names starting with {RESERVED_PREFIX!r})"
+            )
         for value in change.fields.values():
             if type(value) not in _PLAIN and not _json_safe(value):
                 raise CorruptMessage(

@@ -50,10 +50,17 @@ import aiosqlite
 import msgpack
 import orjson
 
-from hq_server.conflicts import HQ_WRITER, Judge, QueueEvent, Writer, skew_candidates
+from hq_server.conflicts import (
+    HQ_WRITER,
+    Correction,
+    Judge,
+    QueueEvent,
+    Writer,
+    skew_candidates,
+)
 from protocol.change import Change, Op
+from protocol.hlc import MAX_HLC, physical_ms, system_ms
 from protocol.hlc import pack as pack_hlc
-from protocol.hlc import physical_ms, system_ms
 from protocol.identity import node_id_for
 from protocol.merge import NO_POLICIES, FieldPolicies, RecordState, Stamp
 
@@ -1049,9 +1056,23 @@ class SQLiteHQStore:
         events: list[tuple[Change, int, QueueEvent]] = []
         skewed: list[tuple[str, int, int]] = []
         stand_ins: list[tuple[int, str, int, str]] = []
-        pending = deque((change, writer) for change in fresh)
+        pending: deque[tuple[Change, Writer] | tuple[tuple[str, str], Correction]] = deque(
+            (change, writer) for change in fresh
+        )
         while pending:
-            change, author = pending.popleft()
+            item = pending.popleft()
+            if isinstance(item[1], Correction):
+                # HQ's correction is made only now, right after what it corrects (or the
+                # correction before it): its stamp must be above the record's version *now*.
+                (collection, key), correction = item[0], item[1]
+                fix = await self._hq_change(conn, collection, key, states[(collection, key)], now)
+                change = replace(fix, fields=correction.fields)
+                author = Writer(
+                    hq=True, stands_for=correction.stands_for, real_ms=correction.real_ms
+                )
+                stand_ins.append((change.hlc, change.origin, *correction.stands_for))
+            else:
+                change, author = item
             seq += 1
             state = states.setdefault((change.collection, change.key), RecordState())
             verdict = judge.apply(state, change, author)
@@ -1059,18 +1080,9 @@ class SQLiteHQStore:
             if verdict.skewed is not None:
                 skewed.append((change.origin, change.hlc, verdict.skewed))
             stand_ins.extend((*stamp, *counts_as) for stamp, counts_as in verdict.stand_ins)
-            if verdict.corrections:
-                fix = await self._hq_change(conn, change.collection, change.key, state, now)
-                fix = replace(fix, fields=verdict.corrections)
-                # The correction counts as the write it restores (and its real time) ...
-                fixer = Writer(
-                    hq=True, stands_for=verdict.restores, real_ms=verdict.restores_real_ms
-                )
-                if verdict.restores is not None:
-                    stand_ins.append((fix.hlc, fix.origin, *verdict.restores))
-                # ... and comes next, before the batch's later changes: its stamp is above the
-                # record's version *now*, and must be applied before anything can raise that.
-                pending.appendleft((fix, fixer))
+            # HQ's corrections come next, before the batch's later changes.
+            for correction in reversed(verdict.corrections):
+                pending.appendleft(((change.collection, change.key), correction))
             touched[(change.collection, change.key)] = seq
             log_rows.append(
                 (
@@ -1184,6 +1196,11 @@ class SQLiteHQStore:
         last = meta.get("hq_last_hlc", 0)
         last = last if physical_ms(last) <= bound else 0
         hlc = max(pack_hlc(now), state.version + 1, last + 1)
+        if hlc > MAX_HLC:
+            raise UnstorableChange(
+                f"{collection}/{key}: HQ cannot stamp a change above the record's version "
+                f"{state.version} (the end of the clock's range)"
+            )
         last_kept = hlc if physical_ms(hlc) <= bound else max(last, pack_hlc(now))
         await conn.executemany(
             "INSERT INTO meta(key, value) VALUES (?, ?) "

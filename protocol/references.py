@@ -13,13 +13,16 @@ Record fields: `name`, `codes` (list), `values` (code -> value, or null for a pl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from protocol.collections import ReferenceTable, read_lookup_file, read_reference_file
 
-REFERENCES_COLLECTION = "_references"
+# Collections whose names start with "_" are HQ's: nodes may not write them (HQ refuses such
+# changes at ingest, agents refuse such collections in their config).
+RESERVED_PREFIX = "_"
+REFERENCES_COLLECTION = RESERVED_PREFIX + "references"
 
 
 def read_table(
@@ -42,6 +45,31 @@ def table_record(table: ReferenceTable, *, pushed_by: str) -> dict[str, Any]:
         "source": table.source,
         "pushed_by": pushed_by,
     }
+
+
+def newer_tables(
+    declared: Mapping[str, ReferenceTable], records: Iterable[Mapping[str, Any]]
+) -> tuple[dict[str, ReferenceTable], list[str]]:
+    """The tables of `_references` records that replace declared ones (same name, same kind:
+    code list or lookup table), and why the others were not used. Agents and HQ both judge
+    records against `declared` overridden by these."""
+    used: dict[str, ReferenceTable] = {}
+    skipped: list[str] = []
+    for record in records:
+        try:
+            table = table_from_record(record)
+        except ValueError as e:
+            skipped.append(str(e))
+            continue
+        known = declared.get(table.name)
+        if known is None:
+            skipped.append(f"reference table {table.name}: no collection uses it")
+        elif (known.values is None) != (table.values is None):
+            kind = "a lookup table" if known.values is not None else "a code list"
+            skipped.append(f"reference table {table.name}: the collections file has {kind}")
+        else:
+            used[table.name] = table
+    return used, skipped
 
 
 def table_from_record(record: Mapping[str, Any]) -> ReferenceTable:

@@ -136,6 +136,7 @@ class FakeHQ:
     feed: list[list[Change]] = field(default_factory=list)
     pulls: list[int] = field(default_factory=list)
     on_post: Callable[[], Awaitable[None]] | None = None
+    feed_status: int | None = None  # answer every pull with this status instead
 
     def enrolment(self, url: str) -> Enrolment:
         return Enrolment(
@@ -203,6 +204,10 @@ class FakeHQ:
         verify_request(signed, self.agent.public_key, "GET", request.path_qs, system_ms())
         cursor = int(request.query["cursor"])
         self.pulls.append(cursor)
+        if self.feed_status is not None:
+            return web.json_response(
+                {"error": "refused", "message": "feed refused"}, status=self.feed_status
+            )
         page = self.feed[cursor] if cursor < len(self.feed) else []
         next_cursor = cursor + 1 if cursor < len(self.feed) else cursor
         more = next_cursor < len(self.feed)

@@ -37,7 +37,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from agent.backoff import Backoff
 from agent.batcher import Batcher
 from agent.enrolment import Enrolment
-from agent.forwarder import Forwarder
+from agent.forwarder import PROBE_EVERY, Forwarder
 from agent.hqclient import Gap, HQClient, RejectedError, TransientError, enroll
 from agent.store import AgentStore
 from protocol.change import Change
@@ -530,3 +530,27 @@ async def test_enroll_refusals_are_rejected_errors(
     async with serve(enroll_app(hq, answer_node)) as server:
         with pytest.raises(error, match=message):
             await enroll(base_url(server), token, identity, "field-1")
+
+
+async def test_after_a_failure_a_refused_pull_does_not_stop_the_push(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        await write_records(r.store, 2)
+        r.forwarder.backoff.failures = 1  # the last sync failed: the pull probes the link first
+        r.hq.feed_status = 403
+        with pytest.raises(RejectedError):
+            await r.forwarder.sync_once()
+        assert len(r.hq.applied) == 2  # pushed all the same
+
+
+async def test_a_feed_that_keeps_failing_does_not_stop_uploads_for_good(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        await write_records(r.store, 2)
+        r.hq.feed_status = 503  # looks like the link being down
+        r.forwarder.backoff.failures = 1
+        with pytest.raises(TransientError):
+            await r.forwarder.sync_once()
+        assert r.hq.posts == 0  # probed, link "down": nothing sealed or sent
+        r.forwarder.backoff.failures = PROBE_EVERY
+        with pytest.raises(TransientError):
+            await r.forwarder.sync_once()
+        assert len(r.hq.applied) == 2  # every PROBE_EVERY-th attempt pushes regardless

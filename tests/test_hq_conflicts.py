@@ -16,11 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_protocol_strategies import examples
 
-from hq_server.conflicts import Judge, Writer
+from hq_server.conflicts import Correction, Judge, Writer
 from hq_server.store import SQLiteHQStore, StoreError
 from protocol.change import Change
 from protocol.collections import load_collections
-from protocol.hlc import pack, physical_ms, system_ms
+from protocol.hlc import MAX_HLC, pack, physical_ms, system_ms
 from protocol.identity import NodeIdentity
 from protocol.merge import FieldPolicies, RecordState, apply_change, field_policies
 
@@ -400,27 +400,43 @@ def sot_histories(draw: st.DrawFn) -> list[Change]:
 
 
 def hq_replay(order: list[Change]) -> tuple[RecordState, list[Change]]:
-    """HQ's judge over `order`; returns HQ's state and the corrections it authored."""
-    judge = Judge(SOT, now_ms=10**12, max_ahead_ms=10**9, skewed_time={})
+    """HQ over `order`, one batch per change, as the store runs it: a fresh Judge per batch that
+    knows only the stand-ins saved for the stamps the record holds; returns HQ's state and the
+    corrections HQ authored."""
     state, authored = RecordState(), list[Change]()
-    pending = deque((c, WRITERS[c.origin]) for c in order)
-    while pending:
-        change, writer = pending.popleft()
-        verdict = judge.apply(state, change, writer)
-        if verdict.corrections:
-            fix = Change(
-                "beneficiaries",
-                "k",
-                "upsert",
-                verdict.corrections,
-                state.version + 1,
-                state.version,
-                HQ_ORIGIN,
-                len(authored) + 1,
-            )
-            authored.append(fix)
-            fixer = Writer(hq=True, stands_for=verdict.restores, real_ms=verdict.restores_real_ms)
-            pending.appendleft((fix, fixer))
+    saved: dict[tuple[int, str], tuple[int, str]] = {}
+    for node_change in order:
+        judge = Judge(
+            SOT,
+            now_ms=10**12,
+            max_ahead_ms=10**9,
+            skewed_time={},
+            stand_ins={s: saved[s] for s in state.stamps.values() if s in saved},
+        )
+        pending: deque[tuple[Change, Writer] | Correction] = deque(
+            [(node_change, WRITERS[node_change.origin])]
+        )
+        while pending:
+            item = pending.popleft()
+            if isinstance(item, Correction):
+                change = Change(
+                    "beneficiaries",
+                    "k",
+                    "upsert",
+                    item.fields,
+                    state.version + 1,
+                    state.version,
+                    HQ_ORIGIN,
+                    len(authored) + 1,
+                )
+                authored.append(change)
+                saved[(change.hlc, change.origin)] = item.stands_for
+                writer = Writer(hq=True, stands_for=item.stands_for, real_ms=item.real_ms)
+            else:
+                change, writer = item
+            verdict = judge.apply(state, change, writer)
+            saved.update(verdict.stand_ins)
+            pending.extendleft(reversed(verdict.corrections))
     return state, authored
 
 
@@ -589,3 +605,102 @@ def test_hq_checks_a_renamed_review_field_under_its_declared_name() -> None:
     )
     assert resolution_problems(collections, entry, 0, system_ms())
     assert resolution_problems(collections, entry, 3, system_ms()) == []
+
+
+# -- found in the second review: order-dependence across batches ----------------------------------
+
+
+def office_store(tmp_path: Path, wall: FakeWall, *owned: str) -> SQLiteHQStore:
+    owners = dict.fromkeys(owned, "group:office")
+    policies = {"beneficiaries": FieldPolicies(owners=owners)}
+    return SQLiteHQStore(tmp_path / "hq.db", wall=wall, policies=policies, origin=HQ_ORIGIN)
+
+
+async def send_in_order(first_a: bool, a: tuple[Node, Change], b: tuple[Node, Change]) -> None:
+    for node, change in (a, b) if first_a else (b, a):
+        await node.send(change)
+
+
+@pytest.mark.parametrize("owner_first", [True, False])
+async def test_a_revert_of_a_revert_still_counts_as_the_original_write(
+    tmp_path: Path, owner_first: bool
+) -> None:
+    wall = FakeWall()
+    async with office_store(tmp_path, wall, "registration_status") as store:
+        owner, other = (
+            await Node.enrol(store, "o", groups=("office",)),
+            await Node.enrol(store, "x"),
+        )
+        v = await base_record(store, owner, pack(wall()))
+        wall.advance(10_000)
+        await other.send(other.change("B1", {"registration_status": "suspended"}, v + 1_000, v))
+        reverted = await store.get_record("beneficiaries", "B1")
+        assert reverted is not None
+        c1 = reverted.version
+        late_owner = owner.change("B1", {"registration_status": "verified"}, v + 5_000, v)
+        again = other.change("B1", {"registration_status": "inactive"}, c1 + 1_000, c1)
+        await send_in_order(owner_first, (owner, late_owner), (other, again))
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and record.data["registration_status"] == "verified"
+
+
+@pytest.mark.parametrize("owner_first", [True, False])
+async def test_fields_restored_from_different_writes_keep_their_own_rank(
+    tmp_path: Path, owner_first: bool
+) -> None:
+    wall = FakeWall()
+    async with office_store(tmp_path, wall, "registration_status", "given_name") as store:
+        owner = await Node.enrol(store, "o", groups=("office",))
+        owner2 = await Node.enrol(store, "o2", groups=("office",))
+        other = await Node.enrol(store, "x")
+        v = await base_record(store, owner, pack(wall()))
+        await owner.send(owner.change("B1", {"registration_status": "verified"}, v + 3_000, v))
+        wall.advance(10_000)
+        both = {"given_name": "X", "registration_status": "suspended"}
+        intruder = other.change("B1", both, v + 4_000, v + 3_000)
+        late = owner2.change("B1", {"given_name": "Owner late"}, v + 2_000, v)
+        await send_in_order(owner_first, (owner2, late), (other, intruder))
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None
+        assert (record.data["given_name"], record.data["registration_status"]) == (
+            "Owner late",
+            "verified",
+        )
+
+
+@pytest.mark.parametrize("owner_first", [True, False])
+async def test_after_a_delete_from_a_wrong_clock_the_owner_still_has_the_last_word(
+    tmp_path: Path, owner_first: bool
+) -> None:
+    wall = FakeWall()
+    async with office_store(tmp_path, wall, "registration_status") as store:
+        owner, other = (
+            await Node.enrol(store, "o", groups=("office",)),
+            await Node.enrol(store, "x"),
+        )
+        ahead = await Node.enrol(store, "ahead")
+        t = wall()
+        v = await base_record(store, owner, pack(t))
+        wall.advance(10_000)
+        delete = Change(
+            "beneficiaries", "B1", "delete", {}, pack(t + 500 + 2 * YEAR_MS), v, ahead.id, 1
+        )
+        await ahead.send(delete, offset_ms=2 * YEAR_MS)
+        by_owner = owner.change("B1", {"registration_status": "verified"}, pack(t + 1_000), v)
+        by_other = other.change("B1", {"registration_status": "suspended"}, pack(t + 2_000), v)
+        await send_in_order(owner_first, (owner, by_owner), (other, by_other))
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and record.data.get("registration_status") == "verified"
+
+
+async def test_a_stamp_at_the_end_of_the_clock_range_is_refused(tmp_path: Path) -> None:
+    """HQ must be able to write above every stamp it accepts, or one broken clock would make
+    HQ's corrections overflow and strand honest nodes' batches."""
+    async with running_hq(tmp_path) as hq:
+        node = await hq.enroll()
+        bad = Change("c", "k", "upsert", {"a": 1}, MAX_HLC, 0, node.node_id, 1)
+        before = hq.snapshot()
+        response = await hq.post(seal_batch(node, 1, [bad]))
+        assert response.status == 400
+        assert "end of the clock's range" in (await response.json())["message"]
+        assert hq.snapshot() == before

@@ -12,7 +12,11 @@ from hq_fixtures import running_hq
 from test_hq_conflicts import EXAMPLE, Node, base_record
 
 from hq_server.store import SQLiteHQStore
+from protocol.collections import ReferenceTable
 from protocol.hlc import pack, system_ms
+from protocol.references import REFERENCES_COLLECTION, read_table, table_record
+
+ADMIN_CODES = EXAMPLE.parent / "admin_codes.example.csv"
 
 PATH = "/v1/admin/records/beneficiaries/B1"
 
@@ -74,3 +78,23 @@ async def test_the_owning_system_writes_its_field_and_every_node_gets_it(tmp_pat
         # A lww field is any system's to write.
         lww = await hq.client.patch(PATH, json={"given_name": "Amina K."}, headers=headers(other))
         assert lww.status == 200
+
+
+async def test_hq_checks_codes_against_the_newest_table_it_sent(tmp_path: Path) -> None:
+    async with running_hq(tmp_path, collections_file=str(EXAMPLE)) as hq:
+        store = hq.store
+        assert isinstance(store, SQLiteHQStore)
+        node = await Node.enrol(store, "field")
+        await base_record(store, node, pack(system_ms()))
+        token = (await store.create_api_token("case-management", actor="cli:ops")).token
+        auth = {"Authorization": f"Bearer {token}"}
+        new_code = {"admin3": "JO01-01-999"}
+        refused = await hq.client.patch(PATH, json=new_code, headers=auth)
+        assert refused.status == 400 and "admin3" in (await refused.json())["message"]
+        codes = read_table("admin3", ADMIN_CODES, column="admin3").codes | {"JO01-01-999"}
+        table = table_record(ReferenceTable("admin3", frozenset(codes)), pushed_by="cli:ops")
+        await store.write_record(
+            REFERENCES_COLLECTION, "admin3", table, actor="cli:ops", action="reference.push"
+        )
+        accepted = await hq.client.patch(PATH, json=new_code, headers=auth)
+        assert accepted.status == 200, await accepted.text()

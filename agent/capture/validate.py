@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from agent.capture.edge import CollectionEdge
 from agent.capture.records import RecordError
@@ -17,7 +18,7 @@ from agent.config import AgentConfig
 from agent.store import AgentStore, Write
 from protocol.collections import CollectionsConfig, ReferenceTable, load_collections
 from protocol.config import ConfigError
-from protocol.references import REFERENCES_COLLECTION, table_from_record
+from protocol.references import REFERENCES_COLLECTION, newer_tables
 from protocol.transforms import transform
 from protocol.validation import validate
 
@@ -48,23 +49,18 @@ class EdgeValidator:
     async def load_references(self, store: AgentStore) -> list[str]:
         """Use the newest reference tables HQ sent (records of `_references` in the local store)
         for the tables the collections file defines; returns the names now taken from HQ."""
-        used = []
+        records: list[dict[str, Any]] = []
         after: str | None = None
         while True:
-            records, after = await store.page(REFERENCES_COLLECTION, after=after, limit=500)
-            for record in records:
-                try:
-                    table = table_from_record(record)
-                except ValueError as e:
-                    log.warning("ignoring a reference table from HQ: %s", e)
-                    continue
-                if table.name not in self.collections.references:
-                    log.warning("HQ sent reference table %s, which no collection uses", table.name)
-                    continue
-                self.references[table.name] = table
-                used.append(table.name)
+            page, after = await store.page(REFERENCES_COLLECTION, after=after, limit=500)
+            records.extend(page)
             if after is None:
-                return used
+                break
+        used, skipped = newer_tables(self.collections.references, records)
+        for reason in skipped:
+            log.warning("not using a table HQ sent: %s", reason)
+        self.references.update(used)
+        return sorted(used)
 
     @classmethod
     def for_agent(cls, config: AgentConfig, clock_ms: Callable[[], int]) -> EdgeValidator | None:
