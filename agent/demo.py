@@ -248,21 +248,22 @@ class Demo:
             f'directory = "{self.exports}"\n'
         )
         # The agent checks records against the example collections file (types and rules) when the
-        # repository's config/ is at hand; refused records wait in its error queue.
-        agent_settings = (
+        # repository's config/ is at hand; refused records wait in its error queue. HQ applies the
+        # same file's conflict policies.
+        collections = (
             {"collections_file": str(EXAMPLE_COLLECTIONS)} if EXAMPLE_COLLECTIONS.exists() else {}
         )
         self.deployment = LocalDeployment(
             root,
-            hq_settings={"routes_file": str(routes.resolve())},
-            agent_settings=agent_settings,
+            hq_settings={"routes_file": str(routes.resolve()), **collections},
+            agent_settings=collections,
         )
         self.refused = 0
         self.root = root
         self.count = count
         # With the example collections file, distributions stay on the agent and HQ receives
         # per-site daily totals (forward = "summary"); these are the totals HQ must end up with.
-        self.summarised = bool(agent_settings) and _summarised()
+        self.summarised = bool(collections) and _summarised()
         self.expected: dict[tuple[str, str, str], Decimal] = defaultdict(Decimal)
 
     def routed(self) -> int:
