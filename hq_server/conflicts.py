@@ -95,9 +95,10 @@ class Verdict:
     # writes go in different changes.
     corrections: list[Correction] = field(default_factory=list)
     skewed: int | None = None  # the change's estimated real time (ms) when its stamp is skewed
+    real_ms: int | None = None  # a correction's real time: that of the write it restores
     # Stamps that count as another for source_of_truth from now on (kept by the store): a
     # non-owner's initial value counts as NO_STAMP, so any owner write outranks it.
-    stand_ins: list[tuple[Stamp, Stamp]] = field(default_factory=list)
+    stand_ins: list[tuple[Stamp, str, Stamp]] = field(default_factory=list)
 
     def restore(self, name: str, value: Any, stands_for: Stamp, real_ms: int) -> None:
         for correction in self.corrections:
@@ -133,8 +134,8 @@ class Judge:
 
     `now_ms` is HQ's wall clock for this ingest; `max_ahead_ms` the configured bound
     (hq.max_clock_ahead_s); `skewed_time` maps a stamp already known as skewed to its estimated
-    real time, and `stand_ins` maps the stamp of an HQ correction to the stamp of the write it
-    restored (the store keeps both).
+    real time, and `stand_ins` maps (stamp, field) of an HQ correction to the stamp of the write
+    it    restored (the store keeps both).
     """
 
     def __init__(
@@ -144,7 +145,7 @@ class Judge:
         now_ms: int,
         max_ahead_ms: int,
         skewed_time: Mapping[Stamp, int],
-        stand_ins: Mapping[Stamp, Stamp] | None = None,
+        stand_ins: Mapping[tuple[Stamp, str], Stamp] | None = None,
     ) -> None:
         self.policies = policies
         self.now_ms = now_ms
@@ -160,17 +161,25 @@ class Judge:
         known = self.skewed_time.get(stamp)
         return known if known is not None else physical_ms(stamp[0])
 
-    def effective(self, stamp: Stamp) -> Stamp:
+    def effective(self, stamp: Stamp, name: str) -> Stamp:
         """The stamp a write counts with for source_of_truth: an HQ correction counts as the
         write it restored, a non-owner's initial value as nothing."""
-        return self.stand_ins.get(stamp, stamp)
+        return self.stand_ins.get((stamp, name), stamp)
+
+    def _stand_in(self, verdict: Verdict, stamp: Stamp, name: str, counts_as: Stamp) -> None:
+        self.stand_ins[(stamp, name)] = counts_as
+        verdict.stand_ins.append((stamp, name, counts_as))
 
     def apply(self, state: RecordState, change: Change, writer: Writer) -> Verdict:
         rules = self.policies.get(change.collection, NO_POLICIES)
         verdict = Verdict()
         stamp: Stamp = (change.hlc, change.origin)
         if writer.stands_for is not None:
-            self.stand_ins[stamp] = self.effective(writer.stands_for)
+            for name in change.fields:
+                self._stand_in(verdict, stamp, name, writer.stands_for)
+        if writer.hq and writer.real_ms is not None:
+            # A correction counts with the real time of the write it restores, not HQ's clock.
+            self.skewed_time[stamp] = verdict.real_ms = writer.real_ms
         if self.is_skewed(change.hlc):
             if writer.hq:
                 estimate = writer.real_ms if writer.real_ms is not None else self.now_ms
@@ -205,17 +214,18 @@ class Judge:
                 owner = may_write(rules.owners[name], writer.principals, creating=False)
                 if not owner and old_stamp == NO_STAMP:
                     if won:  # the initial value: allowed, but any owner write outranks it
-                        self.stand_ins[stamp] = NO_STAMP
-                        verdict.stand_ins.append((stamp, NO_STAMP))
+                        self._stand_in(verdict, stamp, name, NO_STAMP)
                     continue
                 if not owner:
                     if won and old_value == value:
                         # Rewrote the value already there: it counts as the write it replaced.
-                        self.stand_ins[stamp] = self.effective(old_stamp)
-                        verdict.stand_ins.append((stamp, self.stand_ins[stamp]))
+                        self._stand_in(verdict, stamp, name, self.effective(old_stamp, name))
                     elif won:
                         verdict.restore(
-                            name, old_value, self.effective(old_stamp), self.real_time(old_stamp)
+                            name,
+                            old_value,
+                            self.effective(old_stamp, name),
+                            self.real_time(old_stamp),
                         )
                         note = (
                             f"only {rules.owners[name]} writes this field: the write was reverted"
@@ -224,13 +234,16 @@ class Judge:
                         verdict.events.append(QueueEvent("auto", name, policy, sides, note))
                     continue
                 current = state.stamps[name]
-                if not won and stamp > self.effective(current) and state.values[name] == value:
+                if (
+                    not won
+                    and stamp > self.effective(current, name)
+                    and state.values[name] == value
+                ):
                     # Outranked by a stand-in holding the same value: that value is now the
                     # owner's, as of this write.
-                    self.stand_ins[current] = stamp
-                    verdict.stand_ins.append((current, stamp))
+                    self._stand_in(verdict, current, name, stamp)
                     continue
-                if not won and stamp > self.effective(current):
+                if not won and stamp > self.effective(current, name):
                     # An owner's write outranked only by HQ's revert of an older value, or by a
                     # non-owner's initial value: the owner's write stands.
                     verdict.restore(name, value, stamp, self.real_time(stamp))
@@ -246,7 +259,7 @@ class Judge:
             if won and old_value != value:
                 if verdict.skewed is not None and self.real_time(stamp) < self.real_time(old_stamp):
                     verdict.restore(
-                        name, old_value, self.effective(old_stamp), self.real_time(old_stamp)
+                        name, old_value, self.effective(old_stamp, name), self.real_time(old_stamp)
                     )
                     note = "stamped ahead by a wrong clock; the later edit was restored"
                     winner, loser = Side(old_value, *old_stamp), Side(value, *stamp)
@@ -257,7 +270,7 @@ class Judge:
             elif not won and current_value != value:
                 current = state.stamps[name]
                 if current in self.skewed_time and self.real_time(current) < self.real_time(stamp):
-                    verdict.restore(name, value, self.effective(stamp), self.real_time(stamp))
+                    verdict.restore(name, value, self.effective(stamp, name), self.real_time(stamp))
                     note = "the winning stamp came from a wrong clock; the later edit was restored"
                     winner, loser = Side(value, *stamp), Side(current_value, *current)
                     verdict.events.append(QueueEvent("auto", name, "clock", (winner, loser), note))
@@ -279,7 +292,7 @@ class Judge:
             return
         for name, (value, stamp) in before.items():
             if name not in state.stamps and self.real_time(stamp) > verdict.skewed:
-                verdict.restore(name, value, self.effective(stamp), self.real_time(stamp))
+                verdict.restore(name, value, self.effective(stamp, name), self.real_time(stamp))
         if verdict.corrections:
             note = "a delete stamped ahead by a wrong clock; the later edits were restored"
             sides = (Side(None, change.hlc, change.origin),)
@@ -301,12 +314,9 @@ class Judge:
             return
         for name, value in change.fields.items():
             owner = rules.owners.get(name)
-            stands_for = stamp
             if owner and not writer.hq and not may_write(owner, writer.principals, creating=False):
-                if name in state.stamps:
-                    continue  # a value is there: a non-owner never replaces it
-                stands_for = NO_STAMP  # a non-owner's initial value counts as nothing
-            verdict.restore(name, value, stands_for, self.real_time(stamp))
+                continue  # a non-owner's write to an owned field is not brought back
+            verdict.restore(name, value, stamp, self.real_time(stamp))
         if verdict.corrections:
             note = "an edit made after a delete stamped ahead by a wrong clock: restored"
             sides = (Side(None, *tomb),)

@@ -36,6 +36,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -58,11 +59,14 @@ from hq_server.conflicts import (
     Writer,
     skew_candidates,
 )
+from hq_server.logs import event
 from protocol.change import Change, Op
 from protocol.hlc import MAX_HLC, physical_ms, system_ms
 from protocol.hlc import pack as pack_hlc
 from protocol.identity import node_id_for
 from protocol.merge import NO_POLICIES, FieldPolicies, RecordState, Stamp
+
+log = logging.getLogger("fieldsync.hq.store")
 
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
@@ -150,14 +154,15 @@ CREATE TABLE IF NOT EXISTS skewed_stamps (
     real_ms INTEGER NOT NULL,
     PRIMARY KEY (origin, hlc)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS stand_ins (
-    -- What a stamp counts as for source_of_truth fields (hq_server.conflicts): an HQ correction
-    -- counts as the write it restored, a non-owner's initial value as nothing (0, '').
+CREATE TABLE IF NOT EXISTS field_stand_ins (
+    -- What a write of one field counts as for source_of_truth (hq_server.conflicts): an HQ
+    -- correction counts as the write it restored, a non-owner's initial value as nothing (0, '').
     hlc INTEGER NOT NULL,
     origin TEXT NOT NULL,
+    field TEXT NOT NULL,
     for_hlc INTEGER NOT NULL,
     for_origin TEXT NOT NULL,
-    PRIMARY KEY (hlc, origin)
+    PRIMARY KEY (hlc, origin, field)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batch_digests (
     -- What every applied batch held (ingest.batch_digest: change sequences, timestamps, ops,
@@ -1055,7 +1060,7 @@ class SQLiteHQStore:
         log_rows = []
         events: list[tuple[Change, int, QueueEvent]] = []
         skewed: list[tuple[str, int, int]] = []
-        stand_ins: list[tuple[int, str, int, str]] = []
+        stand_ins: list[tuple[int, str, str, int, str]] = []
         pending: deque[tuple[Change, Writer] | tuple[tuple[str, str], Correction]] = deque(
             (change, writer) for change in fresh
         )
@@ -1065,21 +1070,31 @@ class SQLiteHQStore:
                 # HQ's correction is made only now, right after what it corrects (or the
                 # correction before it): its stamp must be above the record's version *now*.
                 (collection, key), correction = item[0], item[1]
-                fix = await self._hq_change(conn, collection, key, states[(collection, key)], now)
+                try:
+                    fix = await self._hq_change(
+                        conn, collection, key, states[(collection, key)], now
+                    )
+                except UnstorableChange as e:
+                    # A record stamped at the end of the clock's range (accepted before such
+                    # stamps were refused): logged, never a reason to refuse the node's batch.
+                    event(log, logging.WARNING, "HQ could not write a correction", error=str(e))
+                    continue
                 change = replace(fix, fields=correction.fields)
                 author = Writer(
                     hq=True, stands_for=correction.stands_for, real_ms=correction.real_ms
                 )
-                stand_ins.append((change.hlc, change.origin, *correction.stands_for))
             else:
                 change, author = item
             seq += 1
             state = states.setdefault((change.collection, change.key), RecordState())
             verdict = judge.apply(state, change, author)
             events.extend((change, seq, e) for e in verdict.events)
-            if verdict.skewed is not None:
-                skewed.append((change.origin, change.hlc, verdict.skewed))
-            stand_ins.extend((*stamp, *counts_as) for stamp, counts_as in verdict.stand_ins)
+            real_ms = verdict.real_ms if verdict.real_ms is not None else verdict.skewed
+            if real_ms is not None:
+                skewed.append((change.origin, change.hlc, real_ms))
+            stand_ins.extend(
+                (*stamp, name, *counts_as) for stamp, name, counts_as in verdict.stand_ins
+            )
             # HQ's corrections come next, before the batch's later changes.
             for correction in reversed(verdict.corrections):
                 pending.appendleft(((change.collection, change.key), correction))
@@ -1108,8 +1123,8 @@ class SQLiteHQStore:
             )
         if stand_ins:
             await conn.executemany(
-                "INSERT OR REPLACE INTO stand_ins(hlc, origin, for_hlc, for_origin) "
-                "VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO field_stand_ins(hlc, origin, field, for_hlc, for_origin) "
+                "VALUES (?, ?, ?, ?, ?)",
                 stand_ins,
             )
         # Settled conflicts (the lww log, reverts) in one statement: there can be one per field
@@ -1142,38 +1157,43 @@ class SQLiteHQStore:
 
     async def _stand_ins(
         self, conn: aiosqlite.Connection, states: dict[tuple[str, str], RecordState]
-    ) -> dict[Stamp, Stamp]:
-        """What the stamps of source_of_truth fields in `states` count as (HQ's corrections, a
-        non-owner's initial values); one query for the whole batch."""
-        wanted = {
-            stamp
+    ) -> dict[tuple[Stamp, str], Stamp]:
+        """What the writes of source_of_truth fields in `states` count as (HQ's corrections, a
+        non-owner's initial values), by (stamp, field); one query for the whole batch."""
+        wanted = sorted(
+            [stamp[0], stamp[1], name]
             for (collection, _), state in states.items()
             for name in self.policies.get(collection, NO_POLICIES).owners
             if (stamp := state.stamps.get(name)) is not None
-        }
+        )
         if not wanted:
             return {}
         rows = await conn.execute_fetchall(
-            "SELECT s.hlc, s.origin, s.for_hlc, s.for_origin FROM stand_ins s JOIN "
-            "(SELECT json_extract(value, '$[0]') AS hlc, json_extract(value, '$[1]') AS origin "
-            "FROM json_each(?)) w ON s.hlc = w.hlc AND s.origin = w.origin",
-            (_dumps(sorted(wanted)),),
+            "SELECT s.hlc, s.origin, s.field, s.for_hlc, s.for_origin FROM field_stand_ins s "
+            "JOIN (SELECT json_extract(value, '$[0]') AS hlc, json_extract(value, '$[1]') AS "
+            "origin, json_extract(value, '$[2]') AS field FROM json_each(?)) w "
+            "ON s.hlc = w.hlc AND s.origin = w.origin AND s.field = w.field",
+            (_dumps(wanted),),
         )
-        return {(hlc, origin): (for_hlc, for_origin) for hlc, origin, for_hlc, for_origin in rows}
+        return {((hlc, origin), name): (fh, fo) for hlc, origin, name, fh, fo in rows}
 
     async def _skewed_times(
         self, conn: aiosqlite.Connection, states: Iterable[RecordState], now: int
     ) -> dict[Stamp, int]:
-        """Known real times of the stamps in `states` that are beyond HQ's clock bound."""
-        wanted = skew_candidates(list(states), now, self.max_ahead_ms)
-        out: dict[Stamp, int] = {}
-        for hlc, origin in wanted:
-            rows = await conn.execute_fetchall(
-                "SELECT real_ms FROM skewed_stamps WHERE origin = ? AND hlc = ?", (origin, hlc)
-            )
-            for (real_ms,) in rows:
-                out[(hlc, origin)] = real_ms
-        return out
+        """Known real times of the stamps in `states` that are not their HLC's: stamps beyond
+        HQ's clock bound, and HQ's corrections (which count with the restored write's time)."""
+        states = list(states)
+        wanted = skew_candidates(states, now, self.max_ahead_ms)
+        wanted |= {s for state in states for s in state.stamps.values() if s[1] == self.origin}
+        if not wanted:
+            return {}
+        rows = await conn.execute_fetchall(
+            "SELECT s.hlc, s.origin, s.real_ms FROM skewed_stamps s JOIN "
+            "(SELECT json_extract(value, '$[0]') AS hlc, json_extract(value, '$[1]') AS origin "
+            "FROM json_each(?)) w ON s.hlc = w.hlc AND s.origin = w.origin",
+            (_dumps(sorted([list(s) for s in wanted])),),
+        )
+        return {(hlc, origin): real_ms for hlc, origin, real_ms in rows}
 
     async def _hq_change(
         self, conn: aiosqlite.Connection, collection: str, key: str, state: RecordState, now: int

@@ -361,7 +361,8 @@ async def test_enrolment_tokens_never_look_like_command_line_options(tmp_path: P
 # -- source_of_truth under any arrival order (hypothesis) -----------------------------------------
 
 OWNER, INTRUDER = "nOwner", "nIntruder"
-SOT = {"beneficiaries": FieldPolicies(owners={"status": "group:own"})}
+OWNED = ("status", "level")  # two owned fields: HQ's corrections and stand-ins are per field
+SOT = {"beneficiaries": FieldPolicies(owners=dict.fromkeys(OWNED, "group:own"))}
 WRITERS = {
     OWNER: Writer(frozenset({f"node:{OWNER}", "group:own"})),
     INTRUDER: Writer(frozenset({f"node:{INTRUDER}"})),
@@ -383,35 +384,28 @@ def sot_histories(draw: st.DrawFn) -> list[Change]:
     out = []
     for hlc, origin in stamps:
         seqs[origin] = seqs.get(origin, 0) + 1
-        value = draw(st.sampled_from(["registered", "verified", "suspended"]))
+        names = draw(st.lists(st.sampled_from([*OWNED, "note"]), min_size=1, unique=True))
+        fields = {name: draw(st.sampled_from(["a", "b", "c"])) for name in names}
+        parent = draw(st.integers(0, hlc - 1))
         out.append(
-            Change(
-                "beneficiaries",
-                "k",
-                "upsert",
-                {"status": value},
-                hlc,
-                draw(st.integers(0, hlc - 1)),
-                origin,
-                seqs[origin],
-            )
+            Change("beneficiaries", "k", "upsert", fields, hlc, parent, origin, seqs[origin])
         )
     return out
 
 
 def hq_replay(order: list[Change]) -> tuple[RecordState, list[Change]]:
     """HQ over `order`, one batch per change, as the store runs it: a fresh Judge per batch that
-    knows only the stand-ins saved for the stamps the record holds; returns HQ's state and the
+    knows only the stand-ins saved for the writes the record holds; returns HQ's state and the
     corrections HQ authored."""
     state, authored = RecordState(), list[Change]()
-    saved: dict[tuple[int, str], tuple[int, str]] = {}
+    saved: dict[tuple[tuple[int, str], str], tuple[int, str]] = {}
     for node_change in order:
         judge = Judge(
             SOT,
             now_ms=10**12,
             max_ahead_ms=10**9,
             skewed_time={},
-            stand_ins={s: saved[s] for s in state.stamps.values() if s in saved},
+            stand_ins={(s, n): saved[(s, n)] for n, s in state.stamps.items() if (s, n) in saved},
         )
         pending: deque[tuple[Change, Writer] | Correction] = deque(
             [(node_change, WRITERS[node_change.origin])]
@@ -430,12 +424,11 @@ def hq_replay(order: list[Change]) -> tuple[RecordState, list[Change]]:
                     len(authored) + 1,
                 )
                 authored.append(change)
-                saved[(change.hlc, change.origin)] = item.stands_for
                 writer = Writer(hq=True, stands_for=item.stands_for, real_ms=item.real_ms)
             else:
                 change, writer = item
             verdict = judge.apply(state, change, writer)
-            saved.update(verdict.stand_ins)
+            saved.update(((stamp, name), to) for stamp, name, to in verdict.stand_ins)
             pending.extendleft(reversed(verdict.corrections))
     return state, authored
 
@@ -454,28 +447,15 @@ def test_source_of_truth_converges_and_non_owners_never_have_the_last_word(
     for change in data.draw(st.permutations(everything + everything[:3])):
         apply_change(replica, change)
     assert (replica.values, replica.stamps) == (at_hq.values, at_hq.stamps)
-    # The owner's latest write has the last word; without one, some node's value stands (a
-    # non-owner may set the initial value of an empty field).
-    owned = [c for c in history if c.origin == OWNER]
-    if owned:
-        assert at_hq.values["status"] == max(owned, key=lambda c: c.hlc).fields["status"]
-    else:
-        assert at_hq.values["status"] in [c.fields["status"] for c in history]
-
-
-async def test_a_revert_lands_before_the_rest_of_its_batch(tmp_path: Path) -> None:
-    """Two refused writes in one batch: HQ's revert of the first is applied before the second is
-    judged, so the second is reverted too (a revert queued behind the batch would lose to it)."""
-    wall = FakeWall()
-    async with opened(tmp_path, wall) as store:
-        field = await Node.enrol(store, "field")
-        v = await base_record(store, field, pack(wall()))
-        await field.send(
-            field.change("B1", {"registration_status": "verified"}, v + 10, v),
-            field.change("B1", {"registration_status": "suspended"}, v + 20, v + 10),
-        )
-        record = await store.get_record("beneficiaries", "B1")
-        assert record is not None and record.data["registration_status"] == "registered"
+    # For each owned field the owner's latest write has the last word, whatever the order; with
+    # no owner write, some node's value stands (a non-owner may set the initial value of an
+    # empty field: whichever reaches HQ first).
+    for name in OWNED:
+        owned = [c for c in history if c.origin == OWNER and name in c.fields]
+        if owned:
+            assert at_hq.values[name] == max(owned, key=lambda c: c.hlc).fields[name]
+        elif name in at_hq.values:
+            assert at_hq.values[name] in [c.fields[name] for c in history if name in c.fields]
 
 
 # -- found in review: each of these failed before its fix -----------------------------------------
@@ -704,3 +684,96 @@ async def test_a_stamp_at_the_end_of_the_clock_range_is_refused(tmp_path: Path) 
         assert response.status == 400
         assert "end of the clock's range" in (await response.json())["message"]
         assert hq.snapshot() == before
+
+
+# -- found in the third review ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["OX", "XO"])
+async def test_an_owner_write_of_two_fields_keeps_both_against_a_non_owners_initial_values(
+    tmp_path: Path, order: str
+) -> None:
+    """Stand-ins are per field: the owner confirming s1's value must not hand the non-owner's
+    s2 the owner's rank."""
+    wall = FakeWall()
+    async with office_store(tmp_path, wall, "s1", "s2") as store:
+        owner, other = (
+            await Node.enrol(store, "o", groups=("office",)),
+            await Node.enrol(store, "x"),
+        )
+        t = pack(wall())
+        await owner.send(owner.change("B1", {"given_name": "Amina"}, t, 0))
+        sends = {
+            "X": (other, other.change("B1", {"s1": "b", "s2": "b"}, t + 36, t)),
+            "O": (owner, owner.change("B1", {"s1": "b", "s2": "a"}, t + 33, t)),
+        }
+        for key in order:
+            node, change = sends[key]
+            await node.send(change)
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and (record.data["s1"], record.data["s2"]) == ("b", "a")
+
+
+@pytest.mark.parametrize("order", ["WNS", "WSN", "SWN", "NWS"])
+async def test_a_revert_counts_with_the_real_time_of_the_value_it_restores(
+    tmp_path: Path, order: str
+) -> None:
+    """An owner's edit made later in real time (from a fast clock) beats the older owner value a
+    revert restored, whatever the order: the revert counts with that value's real time."""
+    wall = FakeWall()
+    async with office_store(tmp_path, wall, "registration_status") as store:
+        owner, other = (
+            await Node.enrol(store, "o", groups=("office",)),
+            await Node.enrol(store, "x"),
+        )
+        fast = await Node.enrol(store, "fast", groups=("office",))
+        t = wall()
+        created = {"given_name": "Amina", "registration_status": "registered"}
+        await owner.send(owner.change("B1", created, pack(t), 0))
+        status = "registration_status"
+        sends = {
+            "W": (owner, owner.change("B1", {status: "verified"}, pack(t + 1_000), pack(t)), None),
+            "N": (
+                other,
+                other.change("B1", {status: "suspended"}, pack(t + 2_000), pack(t + 1_000)),
+                None,
+            ),
+            "S": (
+                fast,
+                fast.change("B1", {status: "inactive"}, pack(t + 5_000 + 2 * YEAR_MS), pack(t)),
+                2 * YEAR_MS,
+            ),
+        }
+        wall.advance(10_000)
+        for key in order:
+            node, change, offset = sends[key]
+            await node.send(change, offset_ms=offset)
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and record.data[status] == "inactive"
+
+
+@pytest.mark.parametrize("order", ["ND", "DN"])
+async def test_a_delete_from_a_wrong_clock_never_brings_back_a_non_owners_value(
+    tmp_path: Path, order: str
+) -> None:
+    wall = FakeWall()
+    async with office_store(tmp_path, wall, "registration_status") as store:
+        owner, other = (
+            await Node.enrol(store, "o", groups=("office",)),
+            await Node.enrol(store, "x"),
+        )
+        ahead = await Node.enrol(store, "ahead")
+        t = wall()
+        created = {"given_name": "Amina", "registration_status": "registered"}
+        await owner.send(owner.change("B1", created, pack(t), 0))
+        wall.advance(10_000)
+        delete = Change(
+            "beneficiaries", "B1", "delete", {}, pack(t + 500 + 2 * YEAR_MS), pack(t), ahead.id, 1
+        )
+        status = other.change("B1", {"registration_status": "suspended"}, pack(t + 2_000), pack(t))
+        sends = {"D": (ahead, delete, 2 * YEAR_MS), "N": (other, status, None)}
+        for key in order:
+            node, change, offset = sends[key]
+            await node.send(change, offset_ms=offset)
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and "registration_status" not in record.data
