@@ -163,6 +163,11 @@ class EdgeHook(Protocol):
         raise: a refusal is a Planned with `refused` set."""
         ...
 
+    def summary_records(self, write: Write, node: str) -> list[tuple[str, str]]:
+        """The summary records `write` would add to if stored: fetched for the whole transaction
+        in one query, instead of one query each."""
+        ...
+
 
 @dataclass(slots=True)
 class Write:
@@ -372,6 +377,17 @@ class AgentStore:
         principals = frozenset({f"node:{self.node_id}", *orjson.loads(meta.get("groups", "[]"))})
         self.clock.observe(int(meta["clock_last"]))  # the CLI may write beside the daemon
         states = await _load_states(db, ((w.collection, w.key) for w in writes))
+        summaries = {
+            ident
+            for w in writes
+            if w.edge is not None and (w.collection, w.key) not in states
+            for ident in w.edge.summary_records(w, self.node_id)
+        }
+        prefetched: set[tuple[str, str]] = set()
+        if summaries:
+            states.update(await _load_states(db, summaries))
+            pending.update(await _unclaimed_summary_rows(db, summaries, claimed))
+            prefetched = summaries
         dirty: dict[tuple[str, str], RecordState] = {}
         outbox: list[list[Any]] = []
         results: list[WriteResult] = []
@@ -443,7 +459,7 @@ class AgentStore:
             if plan is not None:
                 for update in plan.summaries:
                     next_seq = await self._summarise(
-                        db, update, states, dirty, outbox, pending, claimed, next_seq
+                        db, update, states, dirty, outbox, pending, prefetched, claimed, next_seq
                     )
                 sent = dict(state.values) if plan.whole else fields
                 if plan.local_only:
@@ -488,7 +504,11 @@ class AgentStore:
             )
             await db.executemany(
                 "UPDATE outbox SET fields = ?, hlc = ? WHERE seq = ?",
-                [(row[4], row[5], row[0]) for row, new in pending.values() if not new],
+                [
+                    (row[4], row[5], row[0])
+                    for ident, (row, new) in pending.items()
+                    if not new and ident in dirty  # prefetched rows left alone stay as they are
+                ],
             )
         if dirty:
             await db.executemany(
@@ -505,6 +525,7 @@ class AgentStore:
         dirty: dict[tuple[str, str], RecordState],
         outbox: list[list[Any]],
         pending: dict[tuple[str, str], tuple[list[Any], bool]],
+        fetched: set[tuple[str, str]],
         claimed: int,
         next_seq: int,
     ) -> int:
@@ -517,8 +538,10 @@ class AgentStore:
         row carries what changed. Either way the change's parent is what HQ last saw.
         """
         ident = (update.collection, update.key)
-        if ident not in states:
+        if ident not in fetched:  # state and unclaimed outbox row, read once per transaction
+            fetched.add(ident)
             states.update(await _load_states(db, [ident]))
+            pending.update(await _unclaimed_summary_rows(db, [ident], claimed))
         state = states.get(ident)
         held = state.values if state is not None and state.alive else None
         values = update.apply(held)
@@ -528,18 +551,6 @@ class AgentStore:
         state = state or RecordState()
         hlc = max(self.clock.now(), state.version + 1)
         row: list[Any] | None = pending[ident][0] if ident in pending else None
-        if row is None:
-            async with db.execute(
-                "SELECT o.seq, o.collection, o.key, o.op, o.fields, o.hlc, o.parent"
-                " FROM summary_outbox s JOIN outbox o ON o.seq = s.seq"
-                " WHERE s.collection = ? AND s.key = ? AND s.seq > ?",
-                (*ident, claimed),
-            ) as cursor:
-                found = await cursor.fetchone()
-            if found is not None:
-                row = list(found)
-                row[4] = msgpack.unpackb(row[4], raw=False)  # packed again at commit
-                pending[ident] = (row, False)
         if row is not None:
             fields = row[4] = row[4] | changed
             row[5] = hlc
@@ -876,6 +887,27 @@ class AgentStore:
         assert row is not None
         names = ("changes", "bytes", "batches", "batch_bytes")
         return {name: int(value) for name, value in zip(names, row, strict=True)}
+
+
+async def _unclaimed_summary_rows(
+    db: aiosqlite.Connection, idents: Iterable[tuple[str, str]], claimed: int
+) -> dict[tuple[str, str], tuple[list[Any], bool]]:
+    """The outbox rows of these summary records not yet claimed by the batcher (see _summarise),
+    fields unpacked, as `pending` entries."""
+    out: dict[tuple[str, str], tuple[list[Any], bool]] = {}
+    wanted = orjson.dumps(sorted([c, k] for c, k in idents)).decode()
+    async with db.execute(
+        "SELECT o.seq, o.collection, o.key, o.op, o.fields, o.hlc, o.parent"
+        " FROM summary_outbox s JOIN outbox o ON o.seq = s.seq"
+        " JOIN (SELECT json_extract(value, '$[0]') AS c, json_extract(value, '$[1]') AS k"
+        " FROM json_each(?)) w ON s.collection = w.c AND s.key = w.k WHERE s.seq > ?",
+        (wanted, claimed),
+    ) as cursor:
+        async for found in cursor:
+            row = list(found)
+            row[4] = msgpack.unpackb(row[4], raw=False)  # packed again at commit
+            out[(row[1], row[2])] = (row, False)
+    return out
 
 
 async def _load_states(

@@ -95,6 +95,13 @@ class CollectionEdge:
                     )
         return Planned(fields, local_only, forward=forward, whole=whole, summaries=summaries)
 
+    def summary_records(self, write: Write, node: str) -> list[tuple[str, str]]:
+        """The summary records `write` would add to (summary mode, a new record)."""
+        summary = self.collection.summary
+        if summary is None or write.op != "upsert" or write.must_exist:
+            return []
+        return [(summary.collection, d.key) for d in contributions(summary, write.fields, node)]
+
     def _flags(self, record: dict[str, Any]) -> list[str]:
         now = dt.datetime.fromtimestamp(self._clock_ms() / 1000, dt.UTC)
         fired = check_rules(
