@@ -197,6 +197,15 @@ class Judge:
             self._dead_on_arrival(state, change, rules, writer, verdict)
             return verdict
         concurrent = set(concurrent_fields(state, change))
+        if verdict.skewed is not None and not writer.hq:
+            # A node whose clock runs ahead declares a parent far ahead too, which would make it
+            # look as if it had seen everything; it cannot have seen a write made later in real
+            # time. (Not for HQ's own changes, or its corrections would fight each other.)
+            concurrent.update(
+                name
+                for name in change.fields
+                if name in state.stamps and self.real_time(state.stamps[name]) > verdict.skewed
+            )
         previous = {
             name: (state.values.get(name), state.stamps.get(name, NO_STAMP))
             for name in change.fields
@@ -257,10 +266,9 @@ class Judge:
                 continue  # the heads decide, and a person; never corrected behind their back
             current_value = state.values.get(name)
             if won and old_value != value:
-                if verdict.skewed is not None and self.real_time(stamp) < self.real_time(old_stamp):
-                    verdict.restore(
-                        name, old_value, self.effective(old_stamp, name), self.real_time(old_stamp)
-                    )
+                was = self.real_time(self.effective(old_stamp, name))
+                if verdict.skewed is not None and self.real_time(stamp) < was:
+                    verdict.restore(name, old_value, self.effective(old_stamp, name), was)
                     note = "stamped ahead by a wrong clock; the later edit was restored"
                     winner, loser = Side(old_value, *old_stamp), Side(value, *stamp)
                     verdict.events.append(QueueEvent("auto", name, "clock", (winner, loser), note))
@@ -269,7 +277,10 @@ class Judge:
                     verdict.events.append(QueueEvent("auto", name, policy, sides))
             elif not won and current_value != value:
                 current = state.stamps[name]
-                if current in self.skewed_time and self.real_time(current) < self.real_time(stamp):
+                counts_as = self.effective(current, name)
+                if (
+                    current in self.skewed_time or counts_as in self.skewed_time
+                ) and self.real_time(counts_as) < self.real_time(stamp):
                     verdict.restore(name, value, self.effective(stamp, name), self.real_time(stamp))
                     note = "the winning stamp came from a wrong clock; the later edit was restored"
                     winner, loser = Side(value, *stamp), Side(current_value, *current)

@@ -1072,7 +1072,7 @@ class SQLiteHQStore:
                 (collection, key), correction = item[0], item[1]
                 try:
                     fix = await self._hq_change(
-                        conn, collection, key, states[(collection, key)], now
+                        conn, collection, key, states[(collection, key)], now, correction=True
                     )
                 except UnstorableChange as e:
                     # A record stamped at the end of the clock's range (accepted before such
@@ -1196,7 +1196,14 @@ class SQLiteHQStore:
         return {(hlc, origin): real_ms for hlc, origin, real_ms in rows}
 
     async def _hq_change(
-        self, conn: aiosqlite.Connection, collection: str, key: str, state: RecordState, now: int
+        self,
+        conn: aiosqlite.Connection,
+        collection: str,
+        key: str,
+        state: RecordState,
+        now: int,
+        *,
+        correction: bool = False,
     ) -> Change:
         """A new change authored by HQ on a record, with no fields yet: parent = the version HQ
         holds (it has seen every side), HLC above that version and every HLC HQ issued before,
@@ -1215,7 +1222,10 @@ class SQLiteHQStore:
         bound = now + self.max_ahead_ms
         last = meta.get("hq_last_hlc", 0)
         last = last if physical_ms(last) <= bound else 0
-        hlc = max(pack_hlc(now), state.version + 1, last + 1)
+        # A correction is stamped just above the record (it must only outrank what it corrects,
+        # not a node's later delete of the record); a new decision (resolution, system write)
+        # at HQ's clock.
+        hlc = state.version + 1 if correction else max(pack_hlc(now), state.version + 1, last + 1)
         if hlc > MAX_HLC:
             raise UnstorableChange(
                 f"{collection}/{key}: HQ cannot stamp a change above the record's version "

@@ -227,13 +227,12 @@ async def test_a_clock_two_years_ahead_cannot_override_a_newer_edit(
             e for e in await store.list_conflicts(status="auto") if e.policy == "clock"
         ]
         assert len(clock_entries) == 1 and "wrong clock" in clock_entries[0].note
-        # A later edit by the fast node that saw the current version still wins, as it should.
+        # A later edit by the fast node that saw the current version still wins, as it should
+        # (stamped by its clock, which is above the record's version).
         wall.advance(60_000)
-        assert record.version > physical_ms(0)
+        stamp = max(pack(wall() + 2 * YEAR_MS), record.version + 1)
         await ahead.send(
-            ahead.change(
-                "B1", {"given_name": "Seen and changed"}, record.version + 1, record.version
-            ),
+            ahead.change("B1", {"given_name": "Seen and changed"}, stamp, record.version),
             offset_ms=2 * YEAR_MS,
         )
         record = await store.get_record("beneficiaries", "B1")
@@ -777,3 +776,74 @@ async def test_a_delete_from_a_wrong_clock_never_brings_back_a_non_owners_value(
             await node.send(change, offset_ms=offset)
         record = await store.get_record("beneficiaries", "B1")
         assert record is not None and "registration_status" not in record.data
+
+
+# -- found in the fourth review (fuzzing through the store) ---------------------------------------
+
+
+@pytest.mark.parametrize(("order", "one_batch"), [("NF", True), ("NF", False), ("FN", True)])
+async def test_a_fast_clock_is_bounded_after_its_first_write_too(
+    tmp_path: Path, order: str, one_batch: bool
+) -> None:
+    """After its first write the fast node's parent (the record's version) is far ahead, as if it
+    had seen everything; it cannot have seen an edit made later in real time."""
+    wall = FakeWall()
+    async with opened(tmp_path, wall) as store:
+        base, fast, n = [await Node.enrol(store, x) for x in ("base", "fast", "n")]
+        t = wall()
+        await base.send(base.change("B1", {"given_name": "A", "phone": "0"}, pack(t), 0))
+        skew = 2 * YEAR_MS
+        f1 = fast.change("B1", {"given_name": "F"}, pack(t + 1_000 + skew), pack(t))
+        f2 = fast.change("B1", {"phone": "F"}, pack(t + 2_000 + skew), pack(t + 1_000 + skew))
+        n1 = n.change("B1", {"phone": "N"}, pack(t + 10_000), pack(t))
+        wall.advance(60_000)
+        for who in order:
+            if who == "N":
+                await n.send(n1)
+            elif one_batch:
+                await fast.send(f1, f2, offset_ms=skew)
+            else:
+                await fast.send(f1, offset_ms=skew)
+                await fast.send(f2, offset_ms=skew)
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and record.data["phone"] == "N"
+
+
+@pytest.mark.parametrize("one_batch", [True, False])
+async def test_an_owner_delete_after_its_reinstated_write_deletes_the_record(
+    tmp_path: Path, one_batch: bool
+) -> None:
+    """HQ reinstates the owner's write over a non-owner's initial value; the owner's delete, made
+    later, must still delete the record (HQ's correction is stamped just above the record)."""
+    wall = FakeWall()
+    async with office_store(tmp_path, wall, "registration_status") as store:
+        owner, other = (
+            await Node.enrol(store, "o", groups=("office",)),
+            await Node.enrol(store, "x"),
+        )
+        t = wall()
+        await owner.send(owner.change("B1", {"given_name": "A"}, pack(t), 0))
+        verified = owner.change("B1", {"registration_status": "verified"}, pack(t + 1_000), pack(t))
+        initial = other.change(
+            "B1", {"registration_status": "registered"}, pack(t + 2_000), pack(t)
+        )
+        owner.seq += 1
+        delete = Change(
+            "beneficiaries",
+            "B1",
+            "delete",
+            {},
+            pack(t + 3_000),
+            pack(t + 1_000),
+            owner.id,
+            owner.seq,
+        )
+        wall.advance(60_000)
+        await other.send(initial)
+        if one_batch:
+            await owner.send(verified, delete)
+        else:
+            await owner.send(verified)
+            await owner.send(delete)
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and record.deleted
