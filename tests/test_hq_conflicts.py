@@ -55,6 +55,10 @@ class Node:
         self.seq += 1
         return Change("beneficiaries", key, "upsert", fields, hlc, parent, self.id, self.seq)
 
+    def delete(self, key: str, hlc: int, parent: int) -> Change:
+        self.seq += 1
+        return Change("beneficiaries", key, "delete", {}, hlc, parent, self.id, self.seq)
+
     async def send(self, *changes: Change, offset_ms: int | None = None) -> None:
         self.batch += 1
         await self.store.ingest(self.id, self.batch, list(changes), clock_offset_ms=offset_ms)
@@ -530,9 +534,7 @@ async def test_a_delete_stamped_ahead_does_not_swallow_later_edits(tmp_path: Pat
         t = wall()
         v = await base_record(store, b, pack(t))
         wall.advance(10_000)
-        delete = Change(
-            "beneficiaries", "B1", "delete", {}, pack(t + 1_000 + 2 * YEAR_MS), v, ahead.id, 1
-        )
+        delete = ahead.delete("B1", pack(t + 1_000 + 2 * YEAR_MS), v)
         await ahead.send(delete, offset_ms=2 * YEAR_MS)
         # b edits a minute later in real time, not having seen the delete.
         await b.send(b.change("B1", {"given_name": "still here"}, pack(t + 60_000), v))
@@ -595,6 +597,11 @@ def office_store(tmp_path: Path, wall: FakeWall, *owned: str) -> SQLiteHQStore:
     return SQLiteHQStore(tmp_path / "hq.db", wall=wall, policies=policies, origin=HQ_ORIGIN)
 
 
+async def owner_and_other(store: SQLiteHQStore) -> tuple[Node, Node]:
+    """A node of group:office (the owner in `office_store`) and one outside it."""
+    return await Node.enrol(store, "o", groups=("office",)), await Node.enrol(store, "x")
+
+
 async def send_in_order(first_a: bool, a: tuple[Node, Change], b: tuple[Node, Change]) -> None:
     for node, change in (a, b) if first_a else (b, a):
         await node.send(change)
@@ -606,10 +613,7 @@ async def test_a_revert_of_a_revert_still_counts_as_the_original_write(
 ) -> None:
     wall = FakeWall()
     async with office_store(tmp_path, wall, "registration_status") as store:
-        owner, other = (
-            await Node.enrol(store, "o", groups=("office",)),
-            await Node.enrol(store, "x"),
-        )
+        owner, other = await owner_and_other(store)
         v = await base_record(store, owner, pack(wall()))
         wall.advance(10_000)
         await other.send(other.change("B1", {"registration_status": "suspended"}, v + 1_000, v))
@@ -653,17 +657,12 @@ async def test_after_a_delete_from_a_wrong_clock_the_owner_still_has_the_last_wo
 ) -> None:
     wall = FakeWall()
     async with office_store(tmp_path, wall, "registration_status") as store:
-        owner, other = (
-            await Node.enrol(store, "o", groups=("office",)),
-            await Node.enrol(store, "x"),
-        )
+        owner, other = await owner_and_other(store)
         ahead = await Node.enrol(store, "ahead")
         t = wall()
         v = await base_record(store, owner, pack(t))
         wall.advance(10_000)
-        delete = Change(
-            "beneficiaries", "B1", "delete", {}, pack(t + 500 + 2 * YEAR_MS), v, ahead.id, 1
-        )
+        delete = ahead.delete("B1", pack(t + 500 + 2 * YEAR_MS), v)
         await ahead.send(delete, offset_ms=2 * YEAR_MS)
         by_owner = owner.change("B1", {"registration_status": "verified"}, pack(t + 1_000), v)
         by_other = other.change("B1", {"registration_status": "suspended"}, pack(t + 2_000), v)
@@ -696,10 +695,7 @@ async def test_an_owner_write_of_two_fields_keeps_both_against_a_non_owners_init
     s2 the owner's rank."""
     wall = FakeWall()
     async with office_store(tmp_path, wall, "s1", "s2") as store:
-        owner, other = (
-            await Node.enrol(store, "o", groups=("office",)),
-            await Node.enrol(store, "x"),
-        )
+        owner, other = await owner_and_other(store)
         t = pack(wall())
         await owner.send(owner.change("B1", {"given_name": "Amina"}, t, 0))
         sends = {
@@ -721,10 +717,7 @@ async def test_a_revert_counts_with_the_real_time_of_the_value_it_restores(
     revert restored, whatever the order: the revert counts with that value's real time."""
     wall = FakeWall()
     async with office_store(tmp_path, wall, "registration_status") as store:
-        owner, other = (
-            await Node.enrol(store, "o", groups=("office",)),
-            await Node.enrol(store, "x"),
-        )
+        owner, other = await owner_and_other(store)
         fast = await Node.enrol(store, "fast", groups=("office",))
         t = wall()
         created = {"given_name": "Amina", "registration_status": "registered"}
@@ -757,18 +750,13 @@ async def test_a_delete_from_a_wrong_clock_never_brings_back_a_non_owners_value(
 ) -> None:
     wall = FakeWall()
     async with office_store(tmp_path, wall, "registration_status") as store:
-        owner, other = (
-            await Node.enrol(store, "o", groups=("office",)),
-            await Node.enrol(store, "x"),
-        )
+        owner, other = await owner_and_other(store)
         ahead = await Node.enrol(store, "ahead")
         t = wall()
         created = {"given_name": "Amina", "registration_status": "registered"}
         await owner.send(owner.change("B1", created, pack(t), 0))
         wall.advance(10_000)
-        delete = Change(
-            "beneficiaries", "B1", "delete", {}, pack(t + 500 + 2 * YEAR_MS), pack(t), ahead.id, 1
-        )
+        delete = ahead.delete("B1", pack(t + 500 + 2 * YEAR_MS), pack(t))
         status = other.change("B1", {"registration_status": "suspended"}, pack(t + 2_000), pack(t))
         sends = {"D": (ahead, delete, 2 * YEAR_MS), "N": (other, status, None)}
         for key in order:
@@ -817,27 +805,14 @@ async def test_an_owner_delete_after_its_reinstated_write_deletes_the_record(
     later, must still delete the record (HQ's correction is stamped just above the record)."""
     wall = FakeWall()
     async with office_store(tmp_path, wall, "registration_status") as store:
-        owner, other = (
-            await Node.enrol(store, "o", groups=("office",)),
-            await Node.enrol(store, "x"),
-        )
+        owner, other = await owner_and_other(store)
         t = wall()
         await owner.send(owner.change("B1", {"given_name": "A"}, pack(t), 0))
         verified = owner.change("B1", {"registration_status": "verified"}, pack(t + 1_000), pack(t))
         initial = other.change(
             "B1", {"registration_status": "registered"}, pack(t + 2_000), pack(t)
         )
-        owner.seq += 1
-        delete = Change(
-            "beneficiaries",
-            "B1",
-            "delete",
-            {},
-            pack(t + 3_000),
-            pack(t + 1_000),
-            owner.id,
-            owner.seq,
-        )
+        delete = owner.delete("B1", pack(t + 3_000), pack(t + 1_000))
         wall.advance(60_000)
         await other.send(initial)
         if one_batch:
