@@ -107,10 +107,6 @@ class Verdict:
                 return
         self.corrections.append(Correction({name: value}, stands_for, real_ms))
 
-    def corrected(self) -> dict[str, Any]:
-        """Every field HQ writes back, with its value."""
-        return {n: v for c in self.corrections for n, v in c.fields.items()}
-
 
 @dataclass(frozen=True, slots=True)
 class Writer:

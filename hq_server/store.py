@@ -1449,20 +1449,32 @@ class SQLiteHQStore:
     ) -> Change:
         """HQ writes fields of a record as a change of its own (e.g. a newer reference table):
         applied, logged and sent to every node like any change. Audited as `action`."""
+        now = self._wall()
+        async with self._transaction(action) as conn:
+            change = await self._write_as_hq(conn, collection, key, fields, now)
+            audited = {"collection": collection, "key": key, "change": [change.origin, change.seq]}
+            await self._audit(conn, actor, action, audited | (detail or {}))
+        return change
+
+    async def _write_as_hq(
+        self,
+        conn: aiosqlite.Connection,
+        collection: str,
+        key: str,
+        fields: dict[str, Any],
+        now: int,
+    ) -> Change:
+        """A new decision taken at HQ (a resolution, a system's write, a reference table), applied
+        as HQ's own change above everything HQ holds of the record, in the caller's transaction.
+        UnstorableChange (nothing written) if a value cannot be stored."""
         try:
             _dumps(fields)
         except (TypeError, ValueError, OverflowError) as e:
             raise UnstorableChange(f"{collection}/{key}: value cannot be stored: {e}") from e
-        now = self._wall()
-        async with self._transaction(action) as conn:
-            probe = Change(collection, key, "upsert", {}, 1, 0, self.origin, 0)
-            state = (await self._load_states(conn, [probe]))[(collection, key)]
-            change = replace(
-                await self._hq_change(conn, collection, key, state, now), fields=fields
-            )
-            await self._apply(conn, [change], now, HQ_WRITER)
-            audited = {"collection": collection, "key": key, "change": [change.origin, change.seq]}
-            await self._audit(conn, actor, action, audited | (detail or {}))
+        probe = Change(collection, key, "upsert", {}, 1, 0, self.origin, 0)
+        state = (await self._load_states(conn, [probe]))[(collection, key)]
+        change = replace(await self._hq_change(conn, collection, key, state, now), fields=fields)
+        await self._apply(conn, [change], now, HQ_WRITER)
         return change
 
     async def resolve_conflict(
@@ -1484,15 +1496,7 @@ class SQLiteHQStore:
                 raise ConflictNotOpen(
                     f"conflict {conflict_id} is {status}, not open: nothing to resolve"
                 )
-            probe = Change(collection, key, "upsert", {}, 1, 0, self.origin, 0)
-            state = (await self._load_states(conn, [probe]))[(collection, key)]
-            change = await self._hq_change(conn, collection, key, state, now)
-            change = replace(change, fields={name: value})
-            try:
-                _dumps(value)
-            except (TypeError, ValueError, OverflowError) as e:
-                raise UnstorableChange(f"resolution value cannot be stored: {e}") from e
-            await self._apply(conn, [change], now, HQ_WRITER)
+            change = await self._write_as_hq(conn, collection, key, {name: value}, now)
             # Closed by the change's merge -- or still open when the field is no longer under
             # review (the collections file changed since): then it is closed here.
             await conn.execute(
