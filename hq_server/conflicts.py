@@ -25,7 +25,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.change import Change
+from protocol.change import Change, Op
 from protocol.hlc import physical_ms
 from protocol.merge import (
     NO_POLICIES,
@@ -86,6 +86,9 @@ class Correction:
     fields: dict[str, Any]
     stands_for: Stamp
     real_ms: int
+    # "delete": HQ deletes the record again, for a delete that was made later in real time than
+    # a fast clock's edit that outranks it; fields written later still are then written again.
+    op: Op = "upsert"
 
 
 @dataclass(slots=True)
@@ -174,11 +177,12 @@ class Judge:
             for name in change.fields:
                 self._stand_in(verdict, stamp, name, writer.stands_for)
         if writer.hq and writer.real_ms is not None:
-            # A correction counts with the real time of the write it restores, not HQ's clock.
-            self.skewed_time[stamp] = verdict.real_ms = writer.real_ms
-        if self.is_skewed(change.hlc):
+            # A correction counts with the real time of the write it restores, not HQ's clock,
+            # wherever its stamp is.
+            self.skewed_time[stamp] = verdict.real_ms = verdict.skewed = writer.real_ms
+        elif self.is_skewed(change.hlc):
             if writer.hq:
-                estimate = writer.real_ms if writer.real_ms is not None else self.now_ms
+                estimate = self.now_ms
             else:
                 estimate = physical_ms(change.hlc) - max(0, writer.clock_offset_ms or 0)
             verdict.skewed = min(self.now_ms, max(0, estimate))
@@ -187,10 +191,22 @@ class Judge:
             apply_change(state, change, rules.review)
             return verdict
         if change.op == "delete":
-            self._delete(state, change, rules, verdict)
+            self._delete(state, change, rules, writer, verdict)
             return verdict
         if stamp <= state.tombstone:
             self._dead_on_arrival(state, change, rules, writer, verdict)
+            return verdict
+        tomb = state.tombstone
+        if (
+            verdict.skewed is not None
+            and not writer.hq
+            and tomb != NO_STAMP
+            and self.real_time(tomb) > verdict.skewed
+        ):
+            # Stamped above a delete made later in real time: the edit must not revive the
+            # record. It is applied (replicas converge), then HQ deletes the record again.
+            apply_change(state, change, rules.review)
+            self._delete_again(change, tomb, verdict)
             return verdict
         concurrent = set(concurrent_fields(state, change))
         if verdict.skewed is not None and not writer.hq:
@@ -287,7 +303,12 @@ class Judge:
         return verdict
 
     def _delete(
-        self, state: RecordState, change: Change, rules: FieldPolicies, verdict: Verdict
+        self,
+        state: RecordState,
+        change: Change,
+        rules: FieldPolicies,
+        writer: Writer,
+        verdict: Verdict,
     ) -> None:
         """A delete; one stamped ahead by a wrong clock does not remove edits made later in
         real time: HQ writes them again (lww between deletes and updates, by real time)."""
@@ -296,6 +317,14 @@ class Judge:
         apply_change(state, change, rules.review)
         self._review_events(state, before_heads, verdict)
         if verdict.skewed is None:
+            if writer.hq:
+                return
+            outranking = [
+                s for s in state.stamps.values() if s in self.skewed_time and s[1] != change.origin
+            ]
+            if any(self.real_time(s) < physical_ms(change.hlc) for s in outranking):
+                # A fast clock's edit, made before this delete in real time, outranks it.
+                self._delete_again(change, (change.hlc, change.origin), verdict)
             return
         for name, (value, stamp) in before.items():
             if name not in state.stamps and self.real_time(stamp) > verdict.skewed:
@@ -304,6 +333,15 @@ class Judge:
             note = "a delete stamped ahead by a wrong clock; the later edits were restored"
             sides = (Side(None, change.hlc, change.origin),)
             verdict.events.append(QueueEvent("auto", "*", "clock", sides, note))
+
+    def _delete_again(self, change: Change, delete: Stamp, verdict: Verdict) -> None:
+        """HQ deletes the record again, counting with `delete`'s real time: its own delete is
+        stamped above everything, so the edits made later in real time than `delete` are then
+        written again (the skewed-delete rule in `_delete`)."""
+        verdict.corrections.append(Correction({}, delete, self.real_time(delete), op="delete"))
+        note = "an edit from a wrong clock outranked a later delete: deleted again"
+        sides = (Side(None, *delete), Side(None, change.hlc, change.origin))
+        verdict.events.append(QueueEvent("auto", "*", "clock", sides, note))
 
     def _dead_on_arrival(
         self,

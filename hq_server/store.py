@@ -1079,7 +1079,7 @@ class SQLiteHQStore:
                     # stamps were refused): logged, never a reason to refuse the node's batch.
                     event(log, logging.WARNING, "HQ could not write a correction", error=str(e))
                     continue
-                change = replace(fix, fields=correction.fields)
+                change = replace(fix, op=correction.op, fields=correction.fields)
                 author = Writer(
                     hq=True, stands_for=correction.stands_for, real_ms=correction.real_ms
                 )

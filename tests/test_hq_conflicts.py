@@ -769,6 +769,15 @@ async def test_a_delete_from_a_wrong_clock_never_brings_back_a_non_owners_value(
 # -- found in the fourth review (fuzzing through the store) ---------------------------------------
 
 
+async def fast_and_normal(store: SQLiteHQStore, wall: FakeWall) -> tuple[Node, Node, int]:
+    """A record B1 (given_name, phone) written at `t`, a node whose clock will run two years
+    ahead and one whose clock is right; returns them and `t`."""
+    base, fast, n = [await Node.enrol(store, x) for x in ("base", "fast", "n")]
+    t = wall()
+    await base.send(base.change("B1", {"given_name": "A", "phone": "0"}, pack(t), 0))
+    return fast, n, t
+
+
 @pytest.mark.parametrize(("order", "one_batch"), [("NF", True), ("NF", False), ("FN", True)])
 async def test_a_fast_clock_is_bounded_after_its_first_write_too(
     tmp_path: Path, order: str, one_batch: bool
@@ -777,9 +786,7 @@ async def test_a_fast_clock_is_bounded_after_its_first_write_too(
     had seen everything; it cannot have seen an edit made later in real time."""
     wall = FakeWall()
     async with opened(tmp_path, wall) as store:
-        base, fast, n = [await Node.enrol(store, x) for x in ("base", "fast", "n")]
-        t = wall()
-        await base.send(base.change("B1", {"given_name": "A", "phone": "0"}, pack(t), 0))
+        fast, n, t = await fast_and_normal(store, wall)
         skew = 2 * YEAR_MS
         f1 = fast.change("B1", {"given_name": "F"}, pack(t + 1_000 + skew), pack(t))
         f2 = fast.change("B1", {"phone": "F"}, pack(t + 2_000 + skew), pack(t + 1_000 + skew))
@@ -822,3 +829,26 @@ async def test_an_owner_delete_after_its_reinstated_write_deletes_the_record(
             await owner.send(delete)
         record = await store.get_record("beneficiaries", "B1")
         assert record is not None and record.deleted
+
+
+@pytest.mark.parametrize("order", ["SD", "DS"])
+async def test_a_delete_made_later_in_real_time_removes_a_fast_clocks_earlier_edit(
+    tmp_path: Path, order: str
+) -> None:
+    """The fast clock's edit outranks the delete by stamp; HQ deletes the record again, counting
+    with the delete's real time, and a convergent replica ends the same."""
+    wall = FakeWall()
+    async with opened(tmp_path, wall) as store:
+        fast, n, t = await fast_and_normal(store, wall)
+        skew = 2 * YEAR_MS
+        edit = fast.change("B1", {"phone": "S"}, pack(t + 7_000 + skew), pack(t))
+        delete = n.delete("B1", pack(t + 26_000), pack(t))
+        wall.advance(60_000)
+        for who in order:
+            if who == "S":
+                await fast.send(edit, offset_ms=skew)
+            else:
+                await n.send(delete)
+        record = await store.get_record("beneficiaries", "B1")
+        assert record is not None and record.deleted
+        assert any(c.policy == "clock" for c in await store.list_conflicts(status="auto"))
