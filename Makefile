@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check bench clean venv
+.PHONY: run test check bench torture dist clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.foundation
 	$(BIN)/python -m bench.router
+
+# The torture suite (tests/torture.py): real CLIs and processes under SIGKILL, a fault proxy, a
+# full disk and clock jumps, checked against every acknowledged write. CYCLES=N sets its length.
+CYCLES ?= 200
+torture: $(STAMP)
+	./.ci/install-services
+	$(BIN)/python tests/torture.py --cycles $(CYCLES)
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info

@@ -130,6 +130,18 @@ class StoreError(Exception):
     """A store operation failed; the message names the step."""
 
 
+class DiskFull(StoreError):
+    """The data folder's disk is full: nothing was stored (SQLite rolled back). The local API
+    answers writes with 507 and this message; reads, status and forwarding go on, and writes are
+    accepted again by themselves once space returns. `data_dir` and `free_bytes` say where and how
+    much is left, so the message can name them."""
+
+    def __init__(self, message: str, *, data_dir: str, free_bytes: int) -> None:
+        super().__init__(message)
+        self.data_dir = data_dir
+        self.free_bytes = free_bytes
+
+
 @dataclass(frozen=True, slots=True)
 class SummaryUpdate:
     """What a write adds to one summary record: `apply(held)` gives every field of the summary
