@@ -37,5 +37,11 @@ torture: $(STAMP)
 	./.ci/install-services
 	$(BIN)/python tests/torture.py --cycles $(CYCLES)
 
+# sdist and wheel in dist/ (the wheel carries the example configs and systemd units).
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python -m zipfile -l dist/*.whl | grep -E 'share/fieldsync/(config|systemd)/' >/dev/null
+
 clean:
-	rm -rf $(VENV) .demo build *.egg-info
+	rm -rf $(VENV) .demo build dist *.egg-info
