@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from agent.backoff import wait_any
-from agent.store import AgentStore, SealedBatch
+from agent.store import AgentStore, DiskFull, SealedBatch
 from protocol.change import encode_changes
 from protocol.envelope import Kind, seal
 from protocol.hlc import system_ms
@@ -83,6 +83,10 @@ class Batcher:
                     await wait_any(30.0, stop, self.store.changed, self.acked)
                     continue
                 batch = await self.seal_next()
+            except DiskFull as e:
+                log.warning("sealing waits for disk space (retry in 5 s): %s", e)
+                await wait_any(5.0, stop, self.acked)
+                continue
             except Exception:
                 log.exception("sealing a batch failed; retrying in 5 s")
                 await wait_any(5.0, stop)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from agent.backoff import Backoff, wait_any
 from agent.batcher import Batcher
 from agent.hqclient import Gap, HQClient, HQError, RejectedError, TransientError
-from agent.store import AgentStore
+from agent.store import AgentStore, DiskFull, StoreError
 from protocol.hlc import system_ms
 from protocol.references import REFERENCES_COLLECTION
 
@@ -51,19 +51,24 @@ class Forwarder:
         self.feed_page_size = feed_page_size
         self.counters = SyncCounters()
         self.pull_now = asyncio.Event()
+        # The highest batch HQ acked that could not be forgotten here yet (a full disk): sending
+        # goes on after it; it is forgotten as soon as a write succeeds again.
+        self.unrecorded_ack = 0
         # Called after a feed page holding reference tables from HQ has been applied.
         self.on_references: Callable[[], Awaitable[object]] | None = None
 
     async def push_all(self) -> int:
         """Send every sealed batch in order until none is left; returns changes acked."""
         acked = 0
+        if self.unrecorded_ack:
+            acked += await self._forget_acked(self.unrecorded_ack)
         while True:
-            waiting = await self.store.unacked_batches(1)
+            waiting = await self.store.unacked_batches(1, after=self.unrecorded_ack)
             if not waiting:
                 # Seal what is queued, then send the *oldest* batch: the batcher task may have
                 # sealed one meanwhile, and HQ takes batches strictly in order.
                 await self.batcher.seal_next()
-                waiting = await self.store.unacked_batches(1)
+                waiting = await self.store.unacked_batches(1, after=self.unrecorded_ack)
                 if not waiting:
                     return acked
             batch = waiting[0]
@@ -85,7 +90,14 @@ class Forwarder:
                     f"{sealed_through}: was this agent's database restored from a backup? "
                     "Nothing is deleted; re-enrol this node with a new key to continue."
                 )
-            released = await self.store.mark_acked(answer.acked_through)
+            try:
+                released = await self._forget_acked(answer.acked_through)
+            except DiskFull:
+                # HQ holds these batches; forgetting them here waits for disk space, sending the
+                # next ones does not. After a restart they are sent again and HQ acks them again.
+                self.unrecorded_ack = max(self.unrecorded_ack, answer.acked_through)
+                released = 0
+                log.warning("ack for batch %d not recorded yet: disk full", answer.acked_through)
             acked += released
             self.counters.batches_sent += 1
             self.counters.changes_acked += released
@@ -93,6 +105,12 @@ class Forwarder:
             self._contact()
             self.batcher.batch_limit = min(self.batcher.max_changes, self.batcher.batch_limit * 2)
             self.batcher.acked.set()
+
+    async def _forget_acked(self, acked_through: int) -> int:
+        released = await self.store.mark_acked(acked_through)
+        if acked_through >= self.unrecorded_ack:
+            self.unrecorded_ack = 0
+        return released
 
     async def pull_all(self) -> int:
         """Apply downstream pages until HQ says there is no more; returns records changed."""
@@ -117,12 +135,17 @@ class Forwarder:
             self.store.clock.offset_ms = self.client.clock_offset_ms
 
     async def _record(self, error: str = "") -> None:
+        """Note the sync's outcome for `status`. Bookkeeping only: when it cannot be written (a
+        full disk) the loop goes on, since forwarding is what frees space."""
         values: dict[str, object] = {"hq_offset_ms": self.store.clock.offset_ms}
         if error:
             values |= {"last_error": error, "last_error_ms": system_ms()}
         else:
             values |= {"last_contact_ms": system_ms(), "last_error": ""}
-        await self.store.set_meta(**values)
+        try:
+            await self.store.set_meta(**values)
+        except StoreError as e:
+            log.warning("could not record the sync result: %s", e)
 
     async def sync_once(self) -> None:
         """Push, then pull -- the pull even when the push failed: a batch HQ refuses must not cut
@@ -138,8 +161,8 @@ class Forwarder:
                 await self.pull_all()
             except TransientError:
                 raise  # the link is still down: keep the rows open, try again later
-            except HQError:
-                pass  # HQ refused the pull: that must not stop the push (it raises again below)
+            except (HQError, DiskFull):
+                pass  # HQ refused the pull, or it cannot be stored: that must not stop the push
         try:
             await self.push_all()
         except HQError:
@@ -160,6 +183,13 @@ class Forwarder:
                 )
                 log.warning("sync failed (retry in %.1f s): %s", delay, e)
                 await self._record(str(e))
+                await wait_any(delay, stop)
+                continue
+            except DiskFull as e:
+                # Nothing is lost: a batch HQ acked but not yet forgotten here is sent again and
+                # HQ answers with the same ack. Sending goes on; writes are refused meanwhile.
+                delay = self.backoff.next_delay()
+                log.warning("sync paused by a full disk (retry in %.1f s): %s", delay, e)
                 await wait_any(delay, stop)
                 continue
             except Exception as e:

@@ -13,6 +13,9 @@ pages, so memory stays flat however large the backlog grows.
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import os
 import re
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -37,6 +40,7 @@ from protocol.merge import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("fieldsync.agent.store")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
@@ -124,6 +128,10 @@ _NONE = object()  # "no such field", distinct from a field holding null
 WRITER_CACHE_KIB = 2048
 READER_CACHE_KIB = 1024
 FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# Below this many free bytes the data folder's disk counts as full even when no write has failed
+# yet (what `status` says from another process); below LOW_DISK_BYTES status warns.
+FULL_DISK_BYTES = 64 * 1024
+LOW_DISK_BYTES = 16 * 1024 * 1024
 
 
 class StoreError(Exception):
@@ -140,6 +148,40 @@ class DiskFull(StoreError):
         super().__init__(message)
         self.data_dir = data_dir
         self.free_bytes = free_bytes
+
+    @classmethod
+    def at(cls, data_dir: Path) -> DiskFull:
+        free = free_bytes(data_dir)
+        return cls(
+            f"disk full: the agent's data folder {data_dir} has {free} bytes free, so nothing "
+            "was stored; free some space on that disk (writes are accepted again by themselves "
+            "once there is room; queued changes are kept and still forwarded)",
+            data_dir=str(data_dir),
+            free_bytes=free,
+        )
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes an unprivileged process may still write on the file system holding `folder`."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 0
+    return int(st.f_bavail * st.f_frsize)
+
+
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    """True for SQLite's SQLITE_FULL, an ENOSPC/EDQUOT OSError, or an SQLite I/O error while the
+    disk has (next to) no space left (SQLite reports some ENOSPC cases as I/O errors)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(error, sqlite3.Error):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary == sqlite3.SQLITE_FULL or "database or disk is full" in str(error):
+        return True
+    return primary == sqlite3.SQLITE_IOERR and free_bytes(folder) < FULL_DISK_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +303,9 @@ class AgentStore:
         self._writer = writer
         self._reader = reader
         self.node_id = node_id
+        self.data_dir = Path(".")  # set by open(): where agent.db lives
+        # The last write transaction failed for a full disk (cleared by the next one that commits).
+        self.disk_full: DiskFull | None = None
         # The collections' conflict policies (protocol.merge.field_policies); none: all lww.
         self.policies: Mapping[str, FieldPolicies] = policies or {}
         self.clock = HybridClock()
@@ -291,6 +336,7 @@ class AgentStore:
             await writer.close()
             raise
         store = cls(writer, reader, node_id, policies)
+        store.data_dir = path.parent
         meta = await store.meta()
         store.clock.observe(int(meta["clock_last"]))
         store.clock.offset_ms = int(meta["hq_offset_ms"])
@@ -306,22 +352,36 @@ class AgentStore:
         Shielded, lock included: aiosqlite finishes a call even when its caller is cancelled, so a
         cancelled caller (a client that went away, shutdown) must not release the lock while its
         transaction is still open on the shared writer connection.
+
+        A full disk raises DiskFull (nothing of the transaction is stored) and is remembered in
+        `disk_full` until a transaction commits again.
         """
 
         async def run() -> T:
             async with self._commit_lock:
                 db = self._writer
-                await db.execute("BEGIN IMMEDIATE")
                 try:
-                    result = await body(db)
-                    await db.execute("COMMIT")
-                    return result
-                except BaseException:
-                    # SQLite has already rolled back after disk-full or I/O errors: keep the
-                    # original error rather than "no transaction is active".
-                    if db.in_transaction:
-                        await db.execute("ROLLBACK")
-                    raise
+                    await db.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = await body(db)
+                        await db.execute("COMMIT")
+                    except BaseException:
+                        # SQLite has already rolled back after disk-full or I/O errors: keep the
+                        # original error rather than "no transaction is active".
+                        if db.in_transaction:
+                            await db.execute("ROLLBACK")
+                        raise
+                except (sqlite3.Error, OSError) as e:
+                    if not is_disk_full(e, self.data_dir):
+                        raise
+                    if self.disk_full is None:
+                        log.warning("data folder %s: disk full; writes refused", self.data_dir)
+                    self.disk_full = DiskFull.at(self.data_dir)
+                    raise self.disk_full from e
+                if self.disk_full is not None:
+                    log.warning("data folder %s: space is back; writes accepted", self.data_dir)
+                    self.disk_full = None
+                return result
 
         return await asyncio.shield(run())
 
@@ -360,7 +420,10 @@ class AgentStore:
         except Exception as e:
             for _, future in group:
                 if not future.done():
-                    future.set_exception(StoreError(f"commit local writes: {e}"))
+                    if isinstance(e, DiskFull):  # one exception object per waiting caller
+                        future.set_exception(DiskFull.at(self.data_dir))
+                    else:
+                        future.set_exception(StoreError(f"commit local writes: {e}"))
             return
         offset = 0
         for batch, future in group:
@@ -708,9 +771,12 @@ class AgentStore:
 
         await self._transaction(body)
 
-    async def unacked_batches(self, limit: int) -> list[SealedBatch]:
+    async def unacked_batches(self, limit: int, after: int = 0) -> list[SealedBatch]:
+        """Sealed batches not yet forgotten, oldest first (those above `after` only)."""
         async with self._reader.execute(
-            "SELECT seq, first, last, count, sealed FROM batches ORDER BY seq LIMIT ?", (limit,)
+            "SELECT seq, first, last, count, sealed FROM batches WHERE seq > ? ORDER BY seq"
+            " LIMIT ?",
+            (after, limit),
         ) as cursor:
             return [SealedBatch(*row) async for row in cursor]
 
@@ -999,7 +1065,3 @@ async def _save_states(
         " version = excluded.version",
         rows,
     )
-
-
-def is_sqlite_full(error: BaseException) -> bool:
-    return isinstance(error, sqlite3.OperationalError) and "full" in str(error).lower()
