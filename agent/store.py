@@ -27,6 +27,7 @@ import aiosqlite
 import msgpack
 import orjson
 
+from agent.migrations import MigrationError, migrate
 from protocol.change import OPS, Change, Op
 from protocol.hlc import HybridClock, physical_ms
 from protocol.merge import (
@@ -42,84 +43,6 @@ from protocol.merge import (
 T = TypeVar("T")
 log = logging.getLogger("fieldsync.agent.store")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS records (
-    collection TEXT NOT NULL,
-    key TEXT NOT NULL,
-    data TEXT NOT NULL,        -- visible field values, JSON (queryable with json_extract)
-    stamps BLOB NOT NULL,      -- msgpack [top stamp, {field: stamp}, tombstone, {field: heads}]
-    alive INTEGER NOT NULL,    -- 0 for a tombstone
-    version INTEGER NOT NULL,  -- highest HLC in the record: the parent of the next local write
-    UNIQUE (collection, key)
-);
--- Review conflicts open on this replica (the details are the record's heads): what
--- `fieldsync-agent conflicts list` shows, kept in step with the records in each transaction.
-CREATE TABLE IF NOT EXISTS conflicts (
-    collection TEXT NOT NULL,
-    key TEXT NOT NULL,
-    field TEXT NOT NULL,
-    PRIMARY KEY (collection, key, field)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS outbox (
-    seq INTEGER PRIMARY KEY,   -- origin sequence: contiguous from 1, never reused
-    collection TEXT NOT NULL,
-    key TEXT NOT NULL,
-    op INTEGER NOT NULL,       -- index into protocol.change.OPS
-    fields BLOB NOT NULL,      -- msgpack map of the fields written
-    hlc INTEGER NOT NULL,
-    parent INTEGER NOT NULL
-);
--- The outbox row holding the latest change of each summary record (protocol.summary): while it is
--- not yet claimed by the batcher, later increments update it in place instead of adding a row.
-CREATE TABLE IF NOT EXISTS summary_outbox (
-    collection TEXT NOT NULL,
-    key TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    PRIMARY KEY (collection, key)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS batches (
-    seq INTEGER PRIMARY KEY,   -- batch sequence: contiguous from 1
-    first INTEGER NOT NULL,
-    last INTEGER NOT NULL,
-    count INTEGER NOT NULL,
-    sealed BLOB NOT NULL,      -- the exact bytes sent, so a resend is identical
-    created_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS error_queue (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    collection TEXT NOT NULL,
-    key TEXT NOT NULL,
-    payload TEXT NOT NULL,     -- the record as submitted (JSON), or as last fixed
-    errors TEXT NOT NULL,      -- why it was refused: [{stage, rule, field, message}] (JSON)
-    source TEXT,               -- where it came from (request body, file name) and line
-    line INTEGER,
-    received_ms INTEGER NOT NULL,
-    status TEXT NOT NULL DEFAULT 'open',   -- open | resubmitted | discarded
-    resolved_ms INTEGER,
-    note TEXT
-);
-CREATE UNIQUE INDEX IF NOT EXISTS error_queue_once ON error_queue (collection, key, payload)
-    WHERE status = 'open';
-"""
-
-META_DEFAULTS: dict[str, Any] = {
-    "next_change_seq": 1,
-    "next_batch_seq": 1,
-    "sealed_through": 0,
-    # Outbox rows up to here are being sealed: never updated in place again (summary records).
-    "claimed_through": 0,
-    "acked_batch": 0,
-    "clock_last": 0,
-    "feed_cursor": 0,
-    "groups": "[]",  # JSON: this node's groups as HQ last said (source_of_truth, review)
-    "hq_offset_ms": 0,
-    "last_contact_ms": 0,
-    "last_error": "",
-    "last_error_ms": 0,
-    "acked_changes": 0,
-    "sent_bytes": 0,
-}
 IN_CHUNK = 500
 _NONE = object()  # "no such field", distinct from a field holding null
 # SQLite's page cache per connection, in KiB. The default (~8 MB each) would be a tenth of the
@@ -325,10 +248,14 @@ class AgentStore:
             await writer.execute("PRAGMA synchronous=FULL")
             await writer.execute("PRAGMA busy_timeout=10000")
             await writer.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
-            await writer.executescript(SCHEMA)
-            await writer.executemany(
-                "INSERT OR IGNORE INTO meta (k, v) VALUES (?, ?)", META_DEFAULTS.items()
-            )
+            try:
+                await migrate(writer, path)
+            except MigrationError as e:
+                raise StoreError(str(e)) from e
+            except (sqlite3.Error, OSError) as e:
+                if is_disk_full(e, path.parent):
+                    raise DiskFull.at(path.parent) from e
+                raise
             reader = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout=10000")
             await reader.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
