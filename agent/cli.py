@@ -22,6 +22,7 @@ import click
 
 from agent import review
 from agent.capture import errorqueue
+from agent.capture.guard import ensure_token
 from agent.capture.records import (
     RecordError,
     RejectedInput,
@@ -98,14 +99,20 @@ def main() -> None:
 @main.command()
 @with_config
 def init(config: AgentConfig) -> None:
-    """Create the data folder, this node's key (0600) and the local database."""
+    """Create the data folder, this node's key and local API token (0600) and the database."""
     if config.key_path.exists():
-        identity = load_identity(config)
+        with friendly_errors():
+            identity = load_identity(config)
+            _, created = ensure_token(config.token_path)
         click.echo(f"already initialised: node {identity.node_id} ({config.agent.data_dir})")
+        if created:
+            click.echo(f"created the local API token: {config.token_path}")
         return
     config.agent.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = NodeIdentity.generate()
     identity.save(config.key_path)
+    with friendly_errors():
+        ensure_token(config.token_path)
 
     async def create_db() -> None:
         async with open_agent(config):
@@ -113,6 +120,7 @@ def init(config: AgentConfig) -> None:
 
     _run(create_db())
     click.echo(f"initialised node {identity.node_id} in {config.agent.data_dir}")
+    click.echo(f"local API token (apps send it as a bearer token): {config.token_path}")
 
 
 @main.command(name="enroll")

@@ -1,10 +1,19 @@
-"""Agent settings: one TOML file, every key documented in config/agent.example.toml."""
+"""Agent settings: one TOML file, every key documented in config/agent.example.toml.
+
+On top of the per-key checks of `protocol.config`, `load_agent_config` resolves relative paths
+against the folder of the config file (as HQ does: an operator reading the file should not have to
+know the daemon's working folder) and refuses a listen address beyond loopback unless the file says
+`allow_remote = true` and gives a TLS certificate and key (`listen_problem`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 from protocol.config import (
     ConfigError,
@@ -20,13 +29,35 @@ from protocol.references import RESERVED_PREFIX
 DEFAULT_CONFIG_PATH = Path("/etc/fieldsync/agent.toml")
 
 
-def _https_or_local(url: str) -> str | None:
-    if url.startswith("https://"):
-        return None
-    if url.startswith(("http://127.", "http://localhost", "http://[::1]")):
-        return None
+TOKEN_FILENAME = "api-token"
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost (brackets of an IPv6 literal allowed); a name that is not
+    `localhost` is not loopback, whatever it resolves to today."""
+    host = host.strip().removeprefix("[").removesuffix("]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def hq_url_problem(url: str) -> str | None:
+    """Why `url` cannot be HQ's address (None: it can): https://, or plain http:// only to a
+    loopback host, so an enrolment token or a batch never crosses a network in clear text."""
     if url == "":
         return None
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc or "://" not in url:
+        return f"{url!r} is not a URL: write it with its scheme, e.g. https://{url.split('/')[0]}"
+    if parts.scheme == "https" and parts.hostname:
+        return None
+    if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
+        return None
+    if parts.scheme not in ("http", "https"):
+        return f"{url!r}: the scheme must be https:// (got {parts.scheme}://)"
     return "must be an https:// URL (plain http is allowed only to 127.0.0.1/localhost)"
 
 
@@ -38,8 +69,22 @@ class AgentSection:
     )
     name: str = setting("", "Human name of this node shown at HQ; defaults to the host name.")
     listen: str = setting(
-        "127.0.0.1:8470", "HOST:PORT of the local HTTP API (keep it on loopback).", listen_address
+        "127.0.0.1:8470",
+        "HOST:PORT of the local HTTP API (keep it on loopback; any other address needs "
+        "allow_remote, tls_cert and tls_key).",
+        listen_address,
     )
+    allow_remote: bool = setting(
+        False,
+        "Allow a listen address beyond loopback (e.g. a field server other laptops use). Needs "
+        "tls_cert and tls_key; every request still carries the API token.",
+    )
+    tls_cert: Path | None = setting(
+        None,
+        "PEM certificate chain for the local API; with tls_key set it serves HTTPS. Relative "
+        "to this file.",
+    )
+    tls_key: Path | None = setting(None, "PEM private key for tls_cert (mode 0600).")
     log_level: str = setting("info", "debug, info, warning or error.")
     collections_file: Path | None = setting(
         None,
@@ -52,7 +97,7 @@ class AgentSection:
 @dataclass(frozen=True)
 class HQSection:
     url: str = setting(
-        "", "Base URL of HQ, e.g. https://hq.example.org:8443; set by `enroll`.", _https_or_local
+        "", "Base URL of HQ, e.g. https://hq.example.org:8443; set by `enroll`.", hq_url_problem
     )
     ca_bundle: Path | None = setting(
         None, "PEM file of CA certificates to trust for HQ (default: the system store)."
@@ -116,8 +161,59 @@ class AgentConfig:
     def enrolment_path(self) -> Path:
         return self.agent.data_dir / "hq.json"
 
+    @property
+    def token_path(self) -> Path:
+        """The local API's bearer token (created by `init`, or by `run` when missing)."""
+        return self.agent.data_dir / TOKEN_FILENAME
+
+    @property
+    def tls(self) -> bool:
+        return self.agent.tls_cert is not None and self.agent.tls_key is not None
+
+
+def listen_problem(config: AgentConfig) -> tuple[str, str] | None:
+    """(setting, reason) when the local API must not listen as configured, else None.
+
+    Beyond loopback anyone on the network reaches the API: that takes `allow_remote = true`
+    (so it is never an accident of `0.0.0.0`) and TLS (so the token is not sent in clear).
+    """
+    section = config.agent
+    if (section.tls_cert is None) != (section.tls_key is None):
+        missing = "agent.tls_key" if section.tls_key is None else "agent.tls_cert"
+        present = "agent.tls_cert" if section.tls_key is None else "agent.tls_key"
+        return missing, f"is required when {present} is set (HTTPS needs both)"
+    host = section.listen.rpartition(":")[0]
+    if is_loopback_host(host):
+        return None
+    if not section.allow_remote:
+        return (
+            "agent.listen",
+            f"{host} is not a loopback address: the local API would be open to the network; "
+            "keep it on 127.0.0.1, or set allow_remote = true with tls_cert and tls_key in [agent]",
+        )
+    if not config.tls:
+        return (
+            "agent.tls_cert",
+            f"is required with allow_remote = true (listening on {host}): set tls_cert and "
+            "tls_key in [agent] so the API token never crosses the network in clear",
+        )
+    return None
+
+
+def _resolved(section: Any, base: Path) -> Any:
+    """`section` with every relative Path setting made relative to `base`."""
+    changes = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, Path):
+            value = value.expanduser()
+            changes[f.name] = value if value.is_absolute() else base / value
+    return dataclasses.replace(section, **changes)
+
 
 def load_agent_config(path: Path | str) -> AgentConfig:
+    """Read, check and resolve an agent config file; every failure is a ConfigError naming the
+    file and the key."""
     config = load(AgentConfig, path)
     for name in config.collections:
         if name.startswith(RESERVED_PREFIX):
@@ -127,10 +223,10 @@ def load_agent_config(path: Path | str) -> AgentConfig:
                 f"names starting with {RESERVED_PREFIX!r} are reserved for what HQ sends "
                 "(reference tables)",
             )
-    collections_file = config.agent.collections_file
-    if collections_file is not None and not collections_file.is_absolute():
-        resolved = Path(path).resolve().parent / collections_file
-        config = dataclasses.replace(
-            config, agent=dataclasses.replace(config.agent, collections_file=resolved)
-        )
+    base = Path(path).resolve().parent
+    config = dataclasses.replace(
+        config, agent=_resolved(config.agent, base), hq=_resolved(config.hq, base)
+    )
+    if (problem := listen_problem(config)) is not None:
+        raise ConfigError(path, *problem)
     return config

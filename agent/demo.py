@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import fieldgen
+from agent.capture.guard import client_headers
 from protocol.collections import load_collections
 
 DEMO_DIR = Path(".demo")
@@ -91,7 +92,7 @@ class LocalDeployment:
         sync = "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.sync.items())
         agent = "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.agent_settings.items())
         self.agent_config.write_text(
-            f'[agent]\ndata_dir = "{(self.root / "agent").resolve()}"\nname = "field-office-1"\n'
+            f'[agent]\ndata_dir = "{self.agent_dir}"\nname = "field-office-1"\n'
             f'listen = "127.0.0.1:{self.api_port}"\nlog_level = "error"\n{agent}\n'
             f"[sync]\n{sync}\n"
             '[collections.beneficiaries]\nkey = "beneficiary_id"\n\n'
@@ -195,9 +196,21 @@ class LocalDeployment:
                 proc.wait()
         self._forget(proc)
 
+    @property
+    def agent_dir(self) -> Path:
+        """The agent's data folder (agent.db, node.key, api-token)."""
+        return (self.root / "agent").resolve()
+
+    def api_headers(self, path: str = "") -> dict[str, str]:
+        """What an app sends the local API: the token from the data folder, the content type."""
+        return client_headers(self.agent_dir, path)
+
     def api(self, method: str, path: str, body: bytes | None = None) -> Any:
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.api_port}{path}", data=body, method=method
+            f"http://127.0.0.1:{self.api_port}{path}",
+            data=body,
+            method=method,
+            headers=self.api_headers(path),
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())

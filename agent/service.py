@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import signal
+import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,13 +22,16 @@ from agent import review
 from agent.backoff import Backoff
 from agent.batcher import Batcher
 from agent.capture.api import create_app
+from agent.capture.guard import access_guard, ensure_token
 from agent.capture.validate import EdgeValidator
-from agent.config import AgentConfig
+from agent.config import AgentConfig, listen_problem
 from agent.enrolment import Enrolment
 from agent.forwarder import Forwarder
 from agent.hqclient import HQClient
 from agent.store import AgentStore, Write
 from protocol.collections import load_collections
+from protocol.config import ConfigError
+from protocol.files import check_private_file
 from protocol.identity import NodeIdentity
 from protocol.merge import field_policies
 
@@ -128,18 +132,61 @@ def partial_check(validator: EdgeValidator | None) -> Callable[[Write], Sequence
     return check
 
 
-async def _serve_api(agent: Agent, validator: EdgeValidator | None, stop: asyncio.Event) -> None:
-    host, _, port = agent.config.agent.listen.rpartition(":")
-    app = create_app(agent.store, agent.config, validator)
+def api_token(config: AgentConfig) -> str:
+    """The local API's token; an agent set up before tokens existed gets one here (logged with
+    the file's name, never its content)."""
+    token, created = ensure_token(config.token_path)
+    if created:
+        log.info(
+            "created the local API token in %s (mode 0600): apps read it there", config.token_path
+        )
+    return token
+
+
+def tls_context(config: AgentConfig) -> ssl.SSLContext | None:
+    """The local API's server TLS context when agent.tls_cert and agent.tls_key are set."""
+    cert, key = config.agent.tls_cert, config.agent.tls_key
+    if cert is None or key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        check_private_file(key, "TLS private key")
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("agent config", "agent.tls_cert / agent.tls_key", str(e)) from e
+    return context
+
+
+async def start_api(agent: Agent, validator: EdgeValidator | None) -> web.AppRunner:
+    """The local API, listening: bound before the sync loops start, so a refusal to listen is
+    one clear error (not a failure inside the task group)."""
+    config = agent.config
+    host, _, port = config.agent.listen.rpartition(":")
+    context = tls_context(config)
+    guard = access_guard(
+        api_token(config), config.token_path, allow_remote=config.agent.allow_remote
+    )
+    app = create_app(agent.store, config, validator, guard)
     review.add_routes(app, agent.store, partial_check(validator))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host.strip("[]"), int(port))
+        site = web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=context)
         await site.start()
-        bound = runner.addresses[0] if runner.addresses else (host, port)
-        print(f"fieldsync-agent listening on http://{bound[0]}:{bound[1]}", flush=True)
-        log.info("local API listening on %s:%s", bound[0], bound[1])
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0] if runner.addresses else (host, port)
+    scheme = "https" if context else "http"
+    print(f"fieldsync-agent listening on {scheme}://{bound[0]}:{bound[1]}", flush=True)
+    log.info("local API listening on %s://%s:%s", scheme, bound[0], bound[1])
+    return runner
+
+
+async def _serve_api(runner: web.AppRunner, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set, then close capture first (no new writes accepted)."""
+    try:
         await stop.wait()
     finally:
         await runner.cleanup()
@@ -147,6 +194,8 @@ async def _serve_api(agent: Agent, validator: EdgeValidator | None, stop: asynci
 
 async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `stop` is set); then shut down in order."""
+    if (problem := listen_problem(config)) is not None:
+        raise ConfigError("agent config", *problem)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -161,8 +210,9 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> N
                 # A newer reference table from HQ applies to the very next record checked.
                 forwarder.on_references = functools.partial(validator.load_references, agent.store)
             sync_stop = asyncio.Event()
+            runner = await start_api(agent, validator)
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(_serve_api(agent, validator, stop))
+                tasks.create_task(_serve_api(runner, stop))
                 loops = [
                     tasks.create_task(batcher.run(sync_stop)),
                     tasks.create_task(forwarder.run(sync_stop)),

@@ -54,7 +54,7 @@ def make_bodies(total: int) -> tuple[list[tuple[str, bytes]], int]:
     return bodies, gzip_bytes
 
 
-async def post_all(api_url: str, bodies: list[tuple[str, bytes]]) -> float:
+async def post_all(d: LocalDeployment, bodies: list[tuple[str, bytes]]) -> float:
     """Post every body with CLIENTS requests in flight; returns seconds taken."""
     queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
     for item in bodies:
@@ -63,8 +63,9 @@ async def post_all(api_url: str, bodies: list[tuple[str, bytes]]) -> float:
     async def client(session: aiohttp.ClientSession) -> None:
         while not queue.empty():
             collection, body = queue.get_nowait()
-            url = f"{api_url}/v1/collections/{collection}/bulk"
-            async with session.post(url, data=body) as response:
+            path = f"/v1/collections/{collection}/bulk"
+            url = f"http://127.0.0.1:{d.api_port}{path}"
+            async with session.post(url, data=body, headers=d.api_headers(path)) as response:
                 if response.status != 200:
                     raise RuntimeError(f"ingest failed: {response.status} {await response.text()}")
 
@@ -84,7 +85,7 @@ def run(total: int) -> dict[str, Any]:
             d.enroll()
             agent = d.start_agent()
             print("ingesting with HQ down ...", flush=True)
-            ingest_s = asyncio.run(post_all(f"http://127.0.0.1:{d.api_port}", bodies))
+            ingest_s = asyncio.run(post_all(d, bodies))
             queued = d.status()["backlog_changes"]
             print("starting HQ, syncing ...", flush=True)
             d.start_hq()

@@ -1,14 +1,20 @@
-"""Atomic file writes: a reader or a crash sees the old file or the whole new one, never half.
+"""Files the agent and HQ keep: atomic writes, private modes.
 
-Temp file in the same folder (created with its final mode), fsync, rename over the target -- or
-link, when the target must not be replaced -- then fsync the folder so the rename itself survives a
-power cut.
+Atomic writes: a reader or a crash sees the old file or the whole new one, never half. Temp file in
+the same folder (created with its final mode), fsync, rename over the target -- or link, when the
+target must not be replaced -- then fsync the folder so the rename itself survives a power cut.
+
+Private modes: data folders are 0700 and what is in them 0600 (records, keys, tokens). Both CLIs
+set `PRIVATE_UMASK` when they start, so whatever a process creates (SQLite's -wal and -shm too) is
+private without each call site remembering; `make_private_dir` and `tighten` repair folders and
+files made before that (an upgrade); `check_private_file` refuses a secret others could have read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,3 +64,63 @@ def atomic_write(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
     fsync_directory(target.parent)
+
+
+PRIVATE_UMASK = 0o077
+_OTHERS = stat.S_IRWXG | stat.S_IRWXO
+
+
+def set_private_umask() -> int:
+    """Make every file and folder this process creates private (0600 / 0700); returns the old
+    umask. Called once at CLI start: the umask is process-wide, not per thread."""
+    return os.umask(PRIVATE_UMASK)
+
+
+class InsecureFile(PermissionError):
+    """A secret (a private key, a token) can be read by group or others; the message names the
+    file, its mode and the `chmod` that fixes it."""
+
+
+def check_private_file(path: Path, what: str = "private key") -> None:
+    """Refuse a secret file that group or others can read or write: it may have leaked, and an
+    operator should know, not have it silently repaired."""
+    mode = path.stat().st_mode
+    if mode & _OTHERS:
+        raise InsecureFile(
+            f"{path}: {what} is readable by others (mode {stat.S_IMODE(mode):o}); "
+            f"run: chmod 600 {path}"
+        )
+
+
+def tighten(path: Path, mode: int = 0o600) -> bool:
+    """Remove group and other access from `path` if it exists and is ours (True if it changed).
+
+    For files that are not secrets by themselves (the database): repaired with a log line by the
+    caller, not refused."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return False
+    if not info.st_mode & _OTHERS or info.st_uid != os.geteuid():
+        return False
+    os.chmod(path, mode)
+    return True
+
+
+def make_private_dir(path: Path) -> bool:
+    """Create `path` (and its parents) as a 0700 folder, or tighten an existing one of ours to
+    0700. Returns True if an existing folder was tightened (the caller logs it)."""
+    if not path.exists():
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask; this is exact
+        return False
+    return tighten(path, 0o700)
+
+
+def create_private_file(path: Path) -> None:
+    """Create an empty 0600 file if `path` does not exist (an existing one is left as it is).
+
+    For files another library creates with its own mode: SQLite opens an existing empty file as a
+    new database and gives its -wal and -shm files the mode of the database file."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))

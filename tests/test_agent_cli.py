@@ -73,14 +73,26 @@ def test_init_creates_a_private_key_and_the_database(config: Path, tmp_path: Pat
     out = ok(config, "init")
     key = tmp_path / "data" / "node.key"
     identity = NodeIdentity.load(key)
-    assert out.strip() == f"initialised node {identity.node_id} in {tmp_path / 'data'}"
+    token = tmp_path / "data" / "api-token"
+    assert out.splitlines() == [
+        f"initialised node {identity.node_id} in {tmp_path / 'data'}",
+        f"local API token (apps send it as a bearer token): {token}",
+    ]
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert token.read_text().startswith("fsl_") and token.read_text() not in out
     assert (tmp_path / "data" / "agent.db").exists()
     pem = key.read_bytes()
+    secret = token.read_bytes()
 
     again = ok(config, "init")
     assert again.strip() == f"already initialised: node {identity.node_id} ({tmp_path / 'data'})"
     assert key.read_bytes() == pem
+    assert token.read_bytes() == secret
+
+    token.unlink()  # an agent initialised before tokens existed gets one from `init` or `run`
+    assert f"created the local API token: {token}" in ok(config, "init")
+    assert token.read_text().startswith("fsl_") and token.read_bytes() != secret
 
 
 def test_put_and_get_one_record(initialised: Path) -> None:

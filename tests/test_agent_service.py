@@ -35,11 +35,17 @@ def daemon_config(tmp_path: Path, port: int) -> AgentConfig:
     return build(AgentConfig, table, "test.toml")
 
 
-async def wait_for(url: str, session: aiohttp.ClientSession) -> None:
+def api_headers(config: AgentConfig) -> dict[str, str]:
+    """What an app sends: the token the daemon keeps in its data folder (issue 9, defect 3)."""
+    token = config.token_path.read_text().strip() if config.token_path.exists() else ""
+    return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+
+async def wait_for(url: str, session: aiohttp.ClientSession, config: AgentConfig) -> None:
     async with asyncio.timeout(10):
         while True:
             try:
-                async with session.get(url) as response:
+                async with session.get(url, headers=api_headers(config)) as response:
                     if response.status == 200:
                         return
             except aiohttp.ClientConnectionError:
@@ -59,16 +65,18 @@ async def test_the_daemon_captures_forwards_and_stops_cleanly(tmp_path: Path) ->
         for run in range(2):  # the second run resumes on the same database
             stop = asyncio.Event()
             daemon = asyncio.create_task(run_agent(config, stop))
-            await wait_for(f"{api}/v1/status", session)
+            await wait_for(f"{api}/v1/status", session, config)
             for i in range(run * 10, run * 10 + 10):
                 async with session.post(
-                    f"{api}/v1/collections/{COLLECTION}/records", json=beneficiary(i)
+                    f"{api}/v1/collections/{COLLECTION}/records",
+                    json=beneficiary(i),
+                    headers=api_headers(config),
                 ) as response:
                     assert response.status == 201
             async with asyncio.timeout(10):
                 while len(hq.applied) < run * 10 + 10:
                     await asyncio.sleep(0.02)
-            async with session.get(f"{api}/v1/status") as response:
+            async with session.get(f"{api}/v1/status", headers=api_headers(config)) as response:
                 status = await response.json()
             stop.set()
             async with asyncio.timeout(10):

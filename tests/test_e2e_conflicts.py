@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from agent import fieldgen
+from agent.capture.guard import client_headers
 from agent.demo import LocalDeployment, _bin, _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +78,10 @@ class Agent:
     def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", data=data, method=method
+            f"http://127.0.0.1:{self.port}{path}",
+            data=data,
+            method=method,
+            headers=client_headers(self.d.root / self.name, path),
         )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:

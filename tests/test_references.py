@@ -46,6 +46,7 @@ def put(d: LocalDeployment, record: dict[str, Any]) -> tuple[int, Any]:
         f"http://127.0.0.1:{d.api_port}/v1/collections/beneficiaries/records/{key}",
         data=json.dumps(record).encode(),
         method="PUT",
+        headers=d.api_headers(),
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:

@@ -16,6 +16,11 @@
     POST   /v1/errors/{id}/resubmit            checked again and, if it passes, stored and synced
     POST   /v1/errors/{id}/discard             {"reason": ...}
 
+Every request carries `Authorization: Bearer <token>` (the token in `<data_dir>/api-token`), is
+addressed to a loopback Host, comes from no foreign Origin, and a write declares a JSON or NDJSON
+Content-Type: agent.capture.guard, which the daemon always installs. A write the store cannot make
+because the disk is full answers 507 naming the data folder and the free space; reads go on.
+
 A 2xx answer to a write means it is fsync'd. A change with `"seq": null` (bulk: counted in
 `changed` but not between `first_seq` and `last_seq`) is kept on the agent, not forwarded: what
 summary and exceptions modes do with records. Errors are JSON: {"error": rule, "message": ...,
@@ -34,6 +39,7 @@ from aiohttp import web
 
 from agent.capture import errorqueue
 from agent.capture.errorqueue import entry_for
+from agent.capture.guard import Middleware
 from agent.capture.records import (
     RecordError,
     RejectedInput,
@@ -44,7 +50,7 @@ from agent.capture.records import (
 from agent.capture.validate import EdgeValidator
 from agent.config import AgentConfig
 from agent.status import read_status
-from agent.store import AgentStore, QueuedError, StoreError, Write, WriteResult
+from agent.store import AgentStore, DiskFull, QueuedError, StoreError, Write, WriteResult
 from protocol.hlc import system_ms
 
 log = logging.getLogger("fieldsync.agent.api")
@@ -81,6 +87,15 @@ async def _errors(
         return _error(e.status, e.reason.lower().replace(" ", "_"), e.text or e.reason)
     except RejectedInput as e:
         return _error(422, e.errors[0].rule, str(e), e.errors)
+    except DiskFull as e:
+        log.error("write refused, disk full: %s", e)
+        return _error(
+            507,
+            "disk_full",
+            f"the write was not stored: the disk holding {e.data_dir} is full "
+            f"({e.free_bytes} bytes free); reads and sync go on, and writes are accepted again "
+            "once space is freed",
+        )
     except StoreError as e:
         log.error("write failed: %s", e)
         return _error(503, "store_unavailable", f"the write was not stored: {e}")
@@ -355,9 +370,15 @@ async def status(request: web.Request) -> web.Response:
 
 
 def create_app(
-    store: AgentStore, config: AgentConfig, validator: EdgeValidator | None = None
+    store: AgentStore,
+    config: AgentConfig,
+    validator: EdgeValidator | None = None,
+    guard: Middleware | None = None,
 ) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+    """The API's routes. `guard` (agent.capture.guard.access_guard) decides who may call it; the
+    daemon always passes one. Without it every caller is trusted: for in-process tests only."""
+    middlewares = [_errors] if guard is None else [guard, _errors]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[STORE_KEY] = store
     app[CONFIG_KEY] = config
     if validator is not None:
