@@ -36,6 +36,7 @@ from agent.service import NotInitialised, load_identity, open_agent, partial_che
 from agent.status import read_status
 from agent.store import StoreError, Write
 from protocol.config import ConfigError
+from protocol.files import make_private_dir, set_private_umask
 from protocol.identity import NodeIdentity
 from protocol.logfmt import setup_logging
 
@@ -94,6 +95,9 @@ def with_config(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.group()
 def main() -> None:
     """fieldsync field agent: queue changes offline, sync them to HQ when a link exists."""
+    # Whatever this process creates is private (0600 files, 0700 folders); the code also sets
+    # those modes itself, this covers what a library creates.
+    set_private_umask()
 
 
 @main.command()
@@ -108,7 +112,7 @@ def init(config: AgentConfig) -> None:
         if created:
             click.echo(f"created the local API token: {config.token_path}")
         return
-    config.agent.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dir(config.agent.data_dir)
     identity = NodeIdentity.generate()
     identity.save(config.key_path)
     with friendly_errors():

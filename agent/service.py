@@ -31,7 +31,7 @@ from agent.hqclient import HQClient
 from agent.store import AgentStore, Write
 from protocol.collections import load_collections
 from protocol.config import ConfigError
-from protocol.files import check_private_file
+from protocol.files import check_private_file, create_private_file, make_private_dir, tighten
 from protocol.identity import NodeIdentity
 from protocol.merge import field_policies
 
@@ -100,9 +100,27 @@ def load_identity(config: AgentConfig) -> NodeIdentity:
     return NodeIdentity.load(config.key_path)
 
 
+def secure_data_dir(config: AgentConfig) -> None:
+    """The data folder 0700 and what is in it 0600, whatever the umask: agent.db is created empty
+    and private before SQLite opens it (SQLite gives -wal and -shm the database's mode). A folder
+    or file an earlier version made readable by others is tightened, with a warning."""
+    data_dir = config.agent.data_dir
+    tightened = [data_dir] if make_private_dir(data_dir) else []
+    create_private_file(config.db_path)
+    db = config.db_path
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if tighten(path):
+            tightened.append(path)
+    if tighten(config.enrolment_path):
+        tightened.append(config.enrolment_path)
+    for path in tightened:
+        log.warning("%s was readable by others: made private (0700 folder, 0600 files)", path)
+
+
 @contextlib.asynccontextmanager
 async def open_agent(config: AgentConfig) -> AsyncIterator[Agent]:
     identity = load_identity(config)
+    secure_data_dir(config)
     enrolment = Enrolment.load(config.enrolment_path) if config.enrolment_path.exists() else None
     collections = config.agent.collections_file
     policies = field_policies(load_collections(collections) if collections else None)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
+from hq_server.config import DB_FILENAME
+from protocol.files import make_private_dir, tighten
 from protocol.identity import NodeIdentity
+
+log = logging.getLogger("fieldsync.hq")
 
 
 class HQKeyError(Exception):
@@ -20,10 +25,21 @@ def load_or_create_identity(path: Path) -> NodeIdentity:
     key the other process wrote.
     """
     try:
+        secure_data_dir(path.parent)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             with contextlib.suppress(FileExistsError):
                 NodeIdentity.generate().save(path)
         return NodeIdentity.load(path)
     except (OSError, ValueError, TypeError) as e:
         raise HQKeyError(f"HQ key {path}: {e}") from e
+
+
+def secure_data_dir(data_dir: Path) -> None:
+    """HQ's data folder 0700 (created if missing) and its database files 0600: a folder or a
+    database made by an earlier version (0755, 0644) is tightened, with a warning."""
+    tightened = [data_dir] if make_private_dir(data_dir) else []
+    for name in (DB_FILENAME, DB_FILENAME + "-wal", DB_FILENAME + "-shm"):
+        if tighten(data_dir / name):
+            tightened.append(data_dir / name)
+    for where in tightened:
+        log.warning("%s was readable by others: made private (0700 folder, 0600 files)", where)

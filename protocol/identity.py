@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from protocol.errors import BadSignature
-from protocol.files import atomic_write
+from protocol.files import atomic_write, check_private_file, make_private_dir
 
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
@@ -69,18 +68,14 @@ class NodeIdentity:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.exists():  # a new folder for a key is private; an existing one is kept
+            make_private_dir(path.parent)
         with atomic_write(path, mode=0o600, exclusive=True) as f:
             f.write(pem)
 
     @classmethod
     def load(cls, path: Path) -> NodeIdentity:
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise PermissionError(
-                f"{path}: private key is readable by others (mode {stat.S_IMODE(mode):o}); "
-                "run: chmod 600 " + str(path)
-            )
+        check_private_file(path, "private key")  # InsecureFile, a PermissionError
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path}: not an Ed25519 private key")
