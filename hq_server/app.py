@@ -2,7 +2,9 @@
 
 Error contract: every refusal is JSON `{"error": code, "message": text}` with the status of the
 `ProtocolError` raised (400/401/403/404/409/413; the admin API in `hq_server.admin_api` raises
-them too), 409 `{"error": "gap", "expected": N}` for a sequence gap,
+them too), 409 `{"error": "gap", "expected": N}` for a sequence gap, 409 `{"error": "diverged",
+"node", "batch", "seqs": [first, last], "hq_acked_through", "hq_change_seq", "hq_max_hlc"}` for a
+batch or change number reused with other content (`_diverged`),
 415 for a batch sent with another content type, 503 `{"error": "unavailable"}` when the store fails
 (disk full: nothing was committed, retry later), and `{"error": "internal"}` with status 500 for
 anything unexpected. Tracebacks go to HQ's log, never to the client. Each request ends in exactly one
@@ -38,6 +40,7 @@ from hq_server.routing.state import RouterStore
 from hq_server.store import (
     EnrollmentRefused,
     HQStore,
+    IngestResult,
     IngestStatus,
     SQLiteHQStore,
     StoreError,
@@ -226,13 +229,7 @@ async def _post_batch(request: web.Request) -> web.Response:
     if result.appended and state.router is not None:
         state.router.notify()
     if result.status is IngestStatus.DIVERGED:
-        return _json_error(
-            409,
-            "diverged",
-            f"batch {outcome.batch_seq} differs from the batch {outcome.batch_seq} HQ already "
-            "holds from this node: its database went back in time (restored from a backup?). "
-            "Nothing was changed; re-enrol the node with a new key to continue.",
-        )
+        return _diverged(outcome.node_id, outcome.batch_seq, result)
     if result.status is IngestStatus.GAP or outcome.ack is None:
         return _json_error(
             409,
@@ -242,6 +239,51 @@ async def _post_batch(request: web.Request) -> web.Response:
             expected=result.expected,
         )
     return web.Response(body=outcome.ack, content_type=SEALED_CONTENT_TYPE)
+
+
+def _diverged(node_id: str, batch_seq: int, result: IngestResult) -> web.Response:
+    """409 "diverged": the node reused a batch or change sequence number for other content. The
+    body is a contract (docs/protocol.md): the agent recovers from its fields by itself."""
+    first, last = result.seqs or (0, 0)
+    span = f"{first}" if first == last else f"{first}-{last}"
+    if batch_seq <= result.acked_through:
+        what = (
+            f"batch {batch_seq} (changes {span}) differs from the batch {batch_seq} HQ already "
+            "holds from it"
+        )
+    else:
+        what = (
+            f"batch {batch_seq} reuses change sequence numbers {span}, which HQ already holds "
+            "from it with other content"
+        )
+    message = (
+        f"node {node_id}: {what}; its database went back in time (restored from a backup?). "
+        "Nothing was stored. Recovery: renumber the unsent changes above change "
+        f"{result.change_seq} and their batches above {result.acked_through}, move the clock "
+        f"past {result.max_hlc} (the highest stamp HQ holds from the node), and send them again."
+    )
+    _note(seqs=[first, last], hq_change_seq=result.change_seq)
+    event(
+        log,
+        logging.WARNING,
+        "batch refused: diverged",
+        node=node_id,
+        batch=batch_seq,
+        seqs=[first, last],
+        hq_acked_through=result.acked_through,
+        hq_change_seq=result.change_seq,
+    )
+    return _json_error(
+        409,
+        "diverged",
+        message,
+        node=node_id,
+        batch=batch_seq,
+        seqs=[first, last],
+        hq_acked_through=result.acked_through,
+        hq_change_seq=result.change_seq,
+        hq_max_hlc=result.max_hlc,
+    )
 
 
 async def _get_changes(request: web.Request) -> web.Response:

@@ -68,7 +68,7 @@ from protocol.merge import NO_POLICIES, FieldPolicies, RecordState, Stamp
 
 log = logging.getLogger("fieldsync.hq.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA = """
@@ -86,7 +86,11 @@ CREATE TABLE IF NOT EXISTS nodes (
     last_contact INTEGER,
     clock_offset_ms INTEGER,
     flagged_reason TEXT,
-    groups TEXT NOT NULL DEFAULT '[]'  -- JSON list of "group:NAME" (source_of_truth, review)
+    groups TEXT NOT NULL DEFAULT '[]',  -- JSON list of "group:NAME" (source_of_truth, review)
+    -- The node's high marks (its own changes in the change log), kept by every ingest: what a node
+    -- whose database went back in time must renumber and re-stamp above (see IngestResult).
+    change_seq INTEGER NOT NULL DEFAULT 0,  -- highest origin seq
+    max_hlc INTEGER NOT NULL DEFAULT 0      -- highest HLC
 );
 CREATE TABLE IF NOT EXISTS tokens (
     token_hash TEXT PRIMARY KEY,
@@ -201,7 +205,7 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 
 _NODE_COLUMNS = (
     "node_id, name, public_key, enrolled_at, revoked_at, acked_through, last_contact, "
-    "clock_offset_ms, flagged_reason, groups"
+    "clock_offset_ms, flagged_reason, groups, change_seq, max_hlc"
 )
 _RECORD_COLUMNS = "collection, key, data, stamps, tombstone, version, updated_seq, heads"
 # Schema changes from an older version, applied in order when an older database is opened.
@@ -210,6 +214,14 @@ _MIGRATIONS: dict[int, str] = {
     ALTER TABLE nodes ADD COLUMN groups TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE tokens ADD COLUMN groups TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE records ADD COLUMN heads TEXT;
+    """,
+    # The nodes' high marks, from the change log (the (origin, origin_seq) index serves the first).
+    3: """
+    ALTER TABLE nodes ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN max_hlc INTEGER NOT NULL DEFAULT 0;
+    UPDATE nodes SET
+        change_seq = (SELECT COALESCE(MAX(origin_seq), 0) FROM changelog WHERE origin = node_id),
+        max_hlc = (SELECT COALESCE(MAX(hlc), 0) FROM changelog WHERE origin = node_id);
     """,
 }
 _ALIVE = "stamps != '{}'"
@@ -263,6 +275,51 @@ def _record_rows(
     return out
 
 
+def _unseen(changes: Sequence[Change], held: Mapping[tuple[str, int], Any]) -> list[Change]:
+    """Changes whose id is neither in `held` (the change log) nor earlier in `changes`."""
+    seen = set(held)
+    fresh = []
+    for change in changes:
+        if change.change_id not in seen:
+            seen.add(change.change_id)
+            fresh.append(change)
+    return fresh
+
+
+def _canonical(fields: Any) -> bytes | None:
+    """Fields in one byte form whatever their order or encoding (None if they have none): True
+    is not 1, 1 is not 1.0, as in storage and on the wire."""
+    try:
+        return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return None
+
+
+def _same(held: Sequence[Any] | None, change: Change) -> bool:
+    """False if the change log holds another write under this change's id: a node sends a change
+    only as it made it (a resend, even re-sealed into another batch, is identical), so other
+    content means its database went back in time and reused the number."""
+    if held is None:
+        return True
+    hlc, parent, op, collection, key, fields = held
+    if (hlc, parent, op, collection, key) != (
+        change.hlc,
+        change.parent,
+        change.op,
+        change.collection,
+        change.key,
+    ):
+        return False
+    mine = _canonical(change.fields)
+    return mine is not None and mine == _canonical(msgpack.unpackb(fields, raw=False))
+
+
+def _span(seqs: Iterable[int]) -> tuple[int, int] | None:
+    """(lowest, highest) of `seqs`; None if there are none."""
+    listed = list(seqs)
+    return (min(listed), max(listed)) if listed else None
+
+
 # --------------------------------------------------------------------------------------- errors
 
 
@@ -309,6 +366,8 @@ class Node:
     clock_offset_ms: int | None
     flagged_reason: str | None
     groups: tuple[str, ...] = ()  # "group:NAME": what it owns (source_of_truth) and reviews
+    change_seq: int = 0  # highest change (origin) sequence HQ holds from the node
+    max_hlc: int = 0  # highest HLC among the node's changes HQ holds
 
     @property
     def active(self) -> bool:
@@ -319,7 +378,9 @@ class IngestStatus(enum.Enum):
     APPLIED = "applied"  # the batch was the next one: stored, acked_through advanced
     DUPLICATE = "duplicate"  # already stored: nothing changed, ack again
     GAP = "gap"  # an earlier batch is missing: nothing changed, ask for `expected`
-    DIVERGED = "diverged"  # a known batch number with other content: nothing changed, refuse
+    # A known batch number with other content, or a new batch reusing change sequences HQ holds
+    # with other content: the node's database went back in time. Nothing changed, refuse.
+    DIVERGED = "diverged"
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +388,12 @@ class IngestResult:
     status: IngestStatus
     acked_through: int  # the node's high-water mark after this call
     appended: int = 0  # changes appended to the change log
-    skipped: int = 0  # changes whose (origin, seq) was already in the change log
+    skipped: int = 0  # changes whose (origin, seq) was already in the change log, identical
+    change_seq: int = 0  # highest change sequence HQ holds from the node after this call
+    max_hlc: int = 0  # highest HLC HQ holds from the node's changes after this call
+    # DIVERGED: the change sequences at fault, (first, last) -- those HQ holds with other content,
+    # or the batch's whole range when the batch number itself is reused. None otherwise.
+    seqs: tuple[int, int] | None = None
 
     @property
     def expected(self) -> int:
@@ -527,13 +593,18 @@ class HQStore(Protocol):
     ) -> IngestResult:
         """Store batch `batch_seq` of `node_id` exactly once, in one transaction.
 
-        batch_seq <= acked_through: DUPLICATE, data unchanged. batch_seq > acked_through + 1:
-        GAP, data unchanged. Otherwise every change whose (origin, seq) is not yet in the change
-        log is merged into its record and appended to the log, and acked_through becomes
-        batch_seq: APPLIED. In all three cases the node's last_contact and clock_offset_ms are
-        updated and a non-None `flag` is recorded as its flagged_reason. NodeNotFound /
-        NodeRevoked if the node cannot send; UnstorableChange (nothing stored) if a value cannot
-        be stored. Callers validate the batch (origins, sequences) before calling.
+        batch_seq <= acked_through: DUPLICATE, data unchanged -- or DIVERGED if `digest` differs
+        from the stored batch's (seqs: the batch's change range). batch_seq > acked_through + 1:
+        GAP, data unchanged. Otherwise, if the change log holds any of the changes' ids (origin,
+        seq) with other content (stamp, parent, op, collection, key or fields), DIVERGED (seqs:
+        those changes' range), data unchanged: HQ never acks a change it did not apply. Else
+        every change not yet in the log is merged into its record and appended to the log
+        (identical ones are skipped), acked_through becomes batch_seq and the node's change_seq
+        and max_hlc cover the batch: APPLIED. Every result carries those high marks. In all
+        cases the node's last_contact and clock_offset_ms are updated and a non-None `flag` is
+        recorded as its flagged_reason. NodeNotFound / NodeRevoked if the node cannot send;
+        UnstorableChange (nothing stored) if a value cannot be stored. Callers validate the
+        batch (origins, sequences) before calling.
         """
 
     async def feed(self, node_id: str, cursor: int, limit: int, *, max_bytes: int) -> FeedPage:
@@ -805,6 +876,8 @@ class SQLiteHQStore:
             clock_offset_ms=row[7],
             flagged_reason=row[8],
             groups=tuple(_loads(row[9])),
+            change_seq=row[10],
+            max_hlc=row[11],
         )
 
     async def get_node(self, node_id: str) -> Node | None:
@@ -991,57 +1064,94 @@ class SQLiteHQStore:
         now = self._wall()
         async with self._transaction("ingest") as conn:
             rows = await conn.execute_fetchall(
-                "SELECT acked_through, revoked_at, groups FROM nodes WHERE node_id = ?",
+                "SELECT acked_through, revoked_at, groups, change_seq, max_hlc FROM nodes "
+                "WHERE node_id = ?",
                 (node_id,),
             )
             if not rows:
                 raise NodeNotFound(f"node {node_id} is not enrolled")
-            acked, revoked_at, groups = next(iter(rows))
+            acked, revoked_at, groups, change_seq, max_hlc = next(iter(rows))
             if revoked_at is not None:
                 raise NodeRevoked(f"node {node_id} was revoked")
+            # Where HQ stands with the node; only an applied batch moves it.
+            held_marks = IngestResult(
+                IngestStatus.DUPLICATE, acked, change_seq=change_seq, max_hlc=max_hlc
+            )
             if batch_seq <= acked:
                 known = await conn.execute_fetchall(
                     "SELECT digest FROM batch_digests WHERE node_id = ? AND seq = ?",
                     (node_id, batch_seq),
                 )
                 same = digest is None or not known or bytes(next(iter(known))[0]) == digest
-                status = IngestStatus.DUPLICATE if same else IngestStatus.DIVERGED
-                result = IngestResult(status, acked)
+                result = held_marks
+                if not same:
+                    span = _span(c.seq for c in changes)
+                    result = replace(held_marks, status=IngestStatus.DIVERGED, seqs=span)
             elif batch_seq > acked + 1:
-                result = IngestResult(IngestStatus.GAP, acked)
+                result = replace(held_marks, status=IngestStatus.GAP)
             else:
-                writer = Writer(
-                    frozenset({f"node:{node_id}", *_loads(groups)}),
-                    clock_offset_ms=clock_offset_ms,
-                )
-                appended, skipped = await self._apply(conn, changes, now, writer)
-                result = IngestResult(IngestStatus.APPLIED, batch_seq, appended, skipped)
-                if digest is not None:
-                    await conn.execute(
-                        "INSERT OR REPLACE INTO batch_digests (node_id, seq, digest)"
-                        " VALUES (?, ?, ?)",
-                        (node_id, batch_seq, digest),
+                held = await self._held(conn, changes)
+                reused = _span(c.seq for c in changes if not _same(held.get(c.change_id), c))
+                if reused is not None:
+                    result = replace(held_marks, status=IngestStatus.DIVERGED, seqs=reused)
+                else:
+                    writer = Writer(
+                        frozenset({f"node:{node_id}", *_loads(groups)}),
+                        clock_offset_ms=clock_offset_ms,
                     )
+                    appended, skipped = await self._apply(conn, changes, now, writer, held=held)
+                    result = IngestResult(
+                        IngestStatus.APPLIED,
+                        batch_seq,
+                        appended,
+                        skipped,
+                        change_seq=max([change_seq, *(c.seq for c in changes)]),
+                        max_hlc=max([max_hlc, *(c.hlc for c in changes)]),
+                    )
+                    if digest is not None:
+                        await conn.execute(
+                            "INSERT OR REPLACE INTO batch_digests (node_id, seq, digest)"
+                            " VALUES (?, ?, ?)",
+                            (node_id, batch_seq, digest),
+                        )
             await conn.execute(
                 "UPDATE nodes SET acked_through = ?, last_contact = ?, "
                 "clock_offset_ms = COALESCE(?, clock_offset_ms), "
-                "flagged_reason = COALESCE(?, flagged_reason) WHERE node_id = ?",
-                (result.acked_through, now, clock_offset_ms, flag, node_id),
+                "flagged_reason = COALESCE(?, flagged_reason), change_seq = ?, max_hlc = ? "
+                "WHERE node_id = ?",
+                (
+                    result.acked_through,
+                    now,
+                    clock_offset_ms,
+                    flag,
+                    result.change_seq,
+                    result.max_hlc,
+                    node_id,
+                ),
             )
         return result
 
     async def _apply(
-        self, conn: aiosqlite.Connection, changes: Sequence[Change], now: int, writer: Writer
+        self,
+        conn: aiosqlite.Connection,
+        changes: Sequence[Change],
+        now: int,
+        writer: Writer,
+        *,
+        held: Mapping[tuple[str, int], Sequence[Any]] | None = None,
     ) -> tuple[int, int]:
         """Merge new changes into their records under the collections' policies, append them to
         the log, keep the conflict queue, and append the corrections HQ authors (see
-        hq_server.conflicts); returns (appended, skipped) for the given changes.
+        hq_server.conflicts); returns (appended, skipped) for the given changes. `held`: what
+        `_held` found of them, when the caller has looked already.
 
         All rows are built first, then written with one `executemany` per table. (Overlapping the
         two -- queueing writes while encoding the next rows -- was measured slower: the sqlite3
         module retakes the GIL for every row and convoys behind the encoding thread.)
         """
-        fresh = await self._unseen(conn, changes)
+        if held is None:
+            held = await self._held(conn, changes)
+        fresh = _unseen(changes, held)
         if not fresh:
             return 0, len(changes)
         states = await self._load_states(conn, fresh)
@@ -1292,25 +1402,23 @@ class SQLiteHQStore:
         return None
 
     @staticmethod
-    async def _unseen(conn: aiosqlite.Connection, changes: Sequence[Change]) -> list[Change]:
-        """Changes whose id is neither in the change log nor earlier in `changes`."""
+    async def _held(
+        conn: aiosqlite.Connection, changes: Sequence[Change]
+    ) -> dict[tuple[str, int], Sequence[Any]]:
+        """What the change log holds under the changes' ids: (origin, seq) -> (hlc, parent, op,
+        collection, key, fields). One indexed query per origin; usually nothing is found."""
         by_origin: dict[str, list[int]] = {}
         for change in changes:
             by_origin.setdefault(change.origin, []).append(change.seq)
-        seen: set[tuple[str, int]] = set()
+        held: dict[tuple[str, int], Sequence[Any]] = {}
         for origin, seqs in by_origin.items():
             rows = await conn.execute_fetchall(
-                "SELECT origin_seq FROM changelog WHERE origin = ? "
-                "AND origin_seq IN (SELECT value FROM json_each(?))",
+                "SELECT origin_seq, hlc, parent, op, collection, key, fields FROM changelog "
+                "WHERE origin = ? AND origin_seq IN (SELECT value FROM json_each(?))",
                 (origin, _dumps(seqs)),
             )
-            seen.update((origin, r[0]) for r in rows)
-        fresh = []
-        for change in changes:
-            if change.change_id not in seen:
-                seen.add(change.change_id)
-                fresh.append(change)
-        return fresh
+            held.update(((origin, r[0]), r[1:]) for r in rows)
+        return held
 
     @staticmethod
     async def _load_states(

@@ -210,7 +210,7 @@ def snapshot(db_path: Path) -> Snapshot:
             records=conn.execute("SELECT * FROM records ORDER BY collection, key").fetchall(),
             nodes=conn.execute(
                 "SELECT node_id, name, public_key, enrolled_at, revoked_at, acked_through, "
-                "flagged_reason FROM nodes ORDER BY node_id"
+                "flagged_reason, change_seq, max_hlc FROM nodes ORDER BY node_id"
             ).fetchall(),
             tokens=conn.execute("SELECT * FROM tokens ORDER BY token_hash").fetchall(),
         )
