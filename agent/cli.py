@@ -32,7 +32,15 @@ from agent.capture.records import (
 )
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_agent_config
 from agent.hqclient import HQError, enroll
-from agent.service import NotInitialised, load_identity, open_agent, partial_check, run_agent
+from agent.service import (
+    FolderInUse,
+    ListenError,
+    NotInitialised,
+    load_identity,
+    open_agent,
+    partial_check,
+    run_agent,
+)
 from agent.status import read_status
 from agent.store import StoreError, Write
 from protocol.config import ConfigError
@@ -41,7 +49,17 @@ from protocol.identity import NodeIdentity
 from protocol.logfmt import setup_logging
 
 T = TypeVar("T")
-EXPECTED_ERRORS = (ConfigError, NotInitialised, RejectedInput, HQError, StoreError, OSError)
+EXPECTED_ERRORS = (
+    ConfigError,
+    NotInitialised,
+    FolderInUse,
+    ListenError,
+    RejectedInput,
+    HQError,
+    StoreError,
+    OSError,
+    ValueError,
+)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -58,6 +76,15 @@ def friendly_errors() -> Iterator[None]:
         _fail(str(e), 2)
     except EXPECTED_ERRORS as e:
         _fail(str(e))
+    except BaseExceptionGroup as group:
+        # A failure inside the daemon's task group: say the first expected one, one line.
+        expected, _ = group.split(EXPECTED_ERRORS)
+        if expected is None:
+            raise
+        first: BaseException = expected
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        _fail(str(first), 2 if isinstance(first, ConfigError) else 1)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:

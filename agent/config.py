@@ -49,15 +49,17 @@ def hq_url_problem(url: str) -> str | None:
     loopback host, so an enrolment token or a batch never crosses a network in clear text."""
     if url == "":
         return None
+    if "://" not in url:
+        return f"has no scheme: write it as https://{url}"
     parts = urlsplit(url)
-    if not parts.scheme or not parts.netloc or "://" not in url:
-        return f"{url!r} is not a URL: write it with its scheme, e.g. https://{url.split('/')[0]}"
-    if parts.scheme == "https" and parts.hostname:
+    if not parts.hostname:
+        return "has no host name: write it as https://HOST[:PORT]"
+    if parts.scheme == "https":
         return None
-    if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
+    if parts.scheme == "http" and is_loopback_host(parts.hostname):
         return None
-    if parts.scheme not in ("http", "https"):
-        return f"{url!r}: the scheme must be https:// (got {parts.scheme}://)"
+    if parts.scheme != "http":
+        return f"must be https:// (got {parts.scheme}://)"
     return "must be an https:// URL (plain http is allowed only to 127.0.0.1/localhost)"
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import signal
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -31,7 +32,14 @@ from agent.hqclient import HQClient
 from agent.store import AgentStore, Write
 from protocol.collections import load_collections
 from protocol.config import ConfigError
-from protocol.files import check_private_file, create_private_file, make_private_dir, tighten
+from protocol.files import (
+    FolderLocked,
+    check_private_file,
+    create_private_file,
+    hold_lock,
+    make_private_dir,
+    tighten,
+)
 from protocol.identity import NodeIdentity
 from protocol.merge import field_policies
 
@@ -41,6 +49,17 @@ SHUTDOWN_TIMEOUT_S = 20.0
 
 class NotInitialised(Exception):
     """The data folder has no key or no enrolment yet; the message says which command to run."""
+
+
+class FolderInUse(Exception):
+    """Another running agent holds this data folder (it would sign with the same node key)."""
+
+
+class ListenError(Exception):
+    """The local API cannot listen where agent.listen says (the port is taken, say)."""
+
+
+LOCK_FILENAME = "agent.lock"
 
 
 @dataclass
@@ -191,7 +210,15 @@ async def start_api(agent: Agent, validator: EdgeValidator | None) -> web.AppRun
     await runner.setup()
     try:
         site = web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=context)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            reason = e.strerror or str(e)
+            hint = " (another agent running? pick another port in agent.listen)"
+            raise ListenError(
+                f"agent.listen: cannot listen on {config.agent.listen}: {reason}"
+                + (hint if e.errno == errno.EADDRINUSE else "")
+            ) from e
     except BaseException:
         await runner.cleanup()
         raise
@@ -219,6 +246,29 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> N
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    load_identity(config)  # NotInitialised before anything is created or locked
+    with lock_data_dir(config):
+        await _run_locked(config, stop)
+    log.info("stopped")
+
+
+@contextlib.contextmanager
+def lock_data_dir(config: AgentConfig) -> Iterator[None]:
+    """Hold `<data_dir>/agent.lock` for the daemon's life: a second agent on the same folder
+    would sign with the same node key and number changes from the same counters."""
+    path = config.agent.data_dir / LOCK_FILENAME
+    try:
+        with hold_lock(path, "fieldsync-agent"):
+            yield
+    except FolderLocked as e:
+        holder = f"PID {e.pid}" if e.pid is not None else "another process"
+        raise FolderInUse(
+            f"{config.agent.data_dir} is in use by another fieldsync-agent ({holder}): stop it, "
+            "or give this agent its own agent.data_dir"
+        ) from e
+
+
+async def _run_locked(config: AgentConfig, stop: asyncio.Event) -> None:
     async with open_agent(config) as agent:
         batcher = agent.batcher()
         validator = await agent.validator()
@@ -245,4 +295,3 @@ async def run_agent(config: AgentConfig, stop: asyncio.Event | None = None) -> N
                     log.warning("sync loops did not stop in %.0f s; cancelling", SHUTDOWN_TIMEOUT_S)
                     for task in loops:
                         task.cancel()
-    log.info("stopped")

@@ -13,6 +13,7 @@ files made before that (an upgrade); `check_private_file` refuses a secret other
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import tempfile
@@ -124,3 +125,34 @@ def create_private_file(path: Path) -> None:
     new database and gives its -wal and -shm files the mode of the database file."""
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+class FolderLocked(Exception):
+    """Another running process holds the lock file; `pid` is the one it wrote (None if unknown)."""
+
+    def __init__(self, path: Path, pid: int | None) -> None:
+        self.path, self.pid = path, pid
+        super().__init__(f"{path} is locked by PID {pid if pid is not None else 'unknown'}")
+
+
+@contextlib.contextmanager
+def hold_lock(path: Path, program: str) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created 0600) for the life of the block, or raise
+    FolderLocked at once. The file keeps the holder's PID for the error message.
+
+    flock: the kernel drops the lock when the process dies, even by SIGKILL, so a crash never
+    leaves a stale lock; the file itself stays (deleting it would let two processes lock two
+    different files of one name)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 64, 0).decode("ascii", "replace").split()
+            pid = int(text[1]) if len(text) > 1 and text[1].isdigit() else None
+            raise FolderLocked(path, pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{program} {os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -71,3 +71,53 @@ def test_test_configs_go_through_the_same_checks(tmp_path: Path) -> None:
     assert config.sync.window == 2 and config.db_path == tmp_path / "data" / "agent.db"
     with pytest.raises(ConfigError, match=r"test\.toml: sync\.window: must be between 1 and 64"):
         make_config(tmp_path, window=65)
+
+
+def test_a_relative_data_dir_follows_the_config_file_not_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 9, defect 10: two agents started from one folder shared one node key."""
+    site = tmp_path / "etc" / "site-a"
+    site.mkdir(parents=True)
+    path = site / "agent.toml"
+    path.write_text(
+        '[agent]\ndata_dir = "state"\ncollections_file = "collections.toml"\n'
+        'tls_cert = "../tls/cert.pem"\ntls_key = "/abs/key.pem"\n'
+        '[hq]\nca_bundle = "ca.pem"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_agent_config(Path("etc/site-a/agent.toml"))
+    assert config.agent.data_dir == site.resolve() / "state"
+    assert config.key_path == site.resolve() / "state" / "node.key"
+    assert config.agent.collections_file == site.resolve() / "collections.toml"
+    assert config.agent.tls_cert == site.resolve() / "../tls/cert.pem"
+    assert config.agent.tls_key == Path("/abs/key.pem")
+    assert config.hq.ca_bundle == site.resolve() / "ca.pem"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://hq.example.org",
+        "http://127.0.0.1.evil.example",
+        "http://localhost.evil.example:8443",
+        "ftp://hq.example.org",
+        "hq.example.org:8443",
+        "https://",
+    ],
+)
+def test_hq_url_must_be_https_or_loopback(tmp_path: Path, url: str) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(f'[hq]\nurl = "{url}"\n')
+    with pytest.raises(ConfigError, match=r"hq\.url"):
+        load_agent_config(path)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://hq.example.org:8443", "http://127.0.0.1:8443", "http://[::1]:1", "http://localhost"],
+)
+def test_hq_url_accepts_https_and_plain_http_to_loopback(tmp_path: Path, url: str) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(f'[hq]\nurl = "{url}"\n')
+    assert load_agent_config(path).hq.url == url
