@@ -22,6 +22,7 @@ import click
 
 from agent import review
 from agent.capture import errorqueue
+from agent.capture.api import MAX_PAGE, filter_value
 from agent.capture.guard import ensure_token
 from agent.capture.records import (
     RecordError,
@@ -30,7 +31,7 @@ from agent.capture.records import (
     parse_ndjson,
     record_to_write,
 )
-from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_agent_config
+from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, hq_url_problem, load_agent_config
 from agent.hqclient import HQError, enroll
 from agent.service import (
     FolderInUse,
@@ -120,6 +121,7 @@ def with_config(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group()
+@click.version_option(package_name="fieldsync", prog_name="fieldsync-agent")
 def main() -> None:
     """fieldsync field agent: queue changes offline, sync them to HQ when a link exists."""
     # Whatever this process creates is private (0600 files, 0700 folders); the code also sets
@@ -159,7 +161,12 @@ def init(config: AgentConfig) -> None:
 @click.argument("url")
 @click.argument("token")
 def enroll_command(config: AgentConfig, url: str, token: str) -> None:
-    """Register this node with HQ at URL using a one-time TOKEN from `fieldsync-hq token create`."""
+    """Register this node with HQ at URL using a one-time TOKEN from `fieldsync-hq token create`.
+
+    URL is https://, or plain http:// to this machine only (as hq.url in the config file): the
+    token must not cross a network in clear text."""
+    if (problem := hq_url_problem(url)) is not None:
+        _fail(f"URL {url!r} {problem}", 2)
     with friendly_errors():
         identity = load_identity(config)
     name = config.agent.name or socket.gethostname()
@@ -530,6 +537,54 @@ def get(config: AgentConfig, collection: str, key: str) -> None:
     if found is None:
         _fail(f"no record {key!r} in {collection}")
     click.echo(json.dumps(found, indent=2, ensure_ascii=False))
+
+
+@main.command("list")
+@with_config
+@click.argument("collection")
+@click.option(
+    "--where",
+    "conditions",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Only records whose FIELD equals VALUE (JSON, or text): --where household_size=4. "
+    "Repeat to require several.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, MAX_PAGE),
+    default=100,
+    show_default=True,
+    help="Most records.",
+)
+@click.option("--after", default=None, metavar="KEY", help="Start after this record key (paging).")
+def list_command(
+    config: AgentConfig,
+    collection: str,
+    conditions: tuple[str, ...],
+    limit: int,
+    after: str | None,
+) -> None:
+    """Print COLLECTION's records as JSON lines, in key order, filtered like the local API's
+    `GET /v1/collections/COLLECTION/records?FIELD=VALUE`."""
+    if collection not in config.collections:
+        _fail(f"collection {collection!r} is not configured in [collections]")
+    filters: dict[str, Any] = {}
+    for condition in conditions:
+        name, sep, text = condition.partition("=")
+        if not sep or not name:
+            _fail(f"--where takes FIELD=VALUE, got {condition!r}", 2)
+        filters[name] = filter_value(text)
+
+    async def read() -> tuple[list[dict[str, Any]], str | None]:
+        async with open_agent(config) as agent:
+            return await agent.store.page(collection, filters, after, limit)
+
+    records, next_after = _run(read())
+    for record in records:
+        click.echo(json.dumps(record, ensure_ascii=False))
+    if next_after is not None:
+        click.echo(f"more records: add --after {next_after}", err=True)
 
 
 @main.command()

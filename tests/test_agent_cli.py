@@ -245,3 +245,73 @@ def test_a_pathological_line_is_a_clear_error_not_a_traceback(
     path.write_bytes(b"[" * 100_000 + b"12345678901234567890" + b"]" * 100_000 + b"\n")
     line = fails(initialised, "put", "beneficiaries", "--file", str(path))
     assert "line 1" in line
+
+
+# ---- rough edges (issue 9, defect 10) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "needles"),
+    [
+        ("http://hq.example.org:8443", ["https://", "plain http"]),
+        ("http://127.0.0.1.evil.example", ["https://"]),
+        ("hq.example.org:8443", ["has no scheme", "https://hq.example.org:8443"]),
+        ("hq.example.org", ["has no scheme", "write it as https://hq.example.org"]),
+    ],
+)
+def test_enroll_refuses_plaintext_to_a_remote_host_and_a_url_without_scheme(
+    initialised: Path, url: str, needles: list[str]
+) -> None:
+    line = fails(initialised, "enroll", url, "token123", code=2)
+    assert line.startswith(f"fieldsync-agent: URL {url!r} ")
+    for needle in needles:
+        assert needle in line
+    assert not (initialised.parent / "data" / "hq.json").exists()
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"fieldsync-agent, version {version('fieldsync')}"
+
+
+def test_list_with_filters_and_a_limit(initialised: Path, tmp_path: Path) -> None:
+    path = tmp_path / "people.ndjson"
+    records = [beneficiary(i) for i in range(12)]  # village i % 3, household_size i % 7 + 1
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ok(initialised, "put", "beneficiaries", "--file", str(path))
+
+    def listed(*args: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in ok(initialised, "list", *args).splitlines()]
+
+    assert listed("beneficiaries") == records
+    village = listed("beneficiaries", "--where", "village=Village 1")
+    assert village == [r for r in records if r["village"] == "Village 1"]
+    # A value that is JSON matches as that JSON value (the number 3, not the text "3").
+    both = listed("beneficiaries", "--where", "village=Village 2", "--where", "household_size=3")
+    assert both == [r for r in records if r["village"] == "Village 2" and r["household_size"] == 3]
+    assert listed("beneficiaries", "--where", 'household_size="3"') == []
+    result = cli(initialised, "list", "beneficiaries", "--limit", "5")
+    assert [json.loads(line) for line in result.stdout.splitlines()] == records[:5]
+    assert "--after b00004" in result.stderr
+    assert listed("beneficiaries", "--limit", "5", "--after", "b00004") == records[5:10]
+    assert listed("beneficiaries", "--where", "village=Nowhere") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("patients",), "not configured"),
+        (("beneficiaries", "--where", "village"), "FIELD=VALUE"),
+        (("beneficiaries", "--where", "bad name=1"), "not a valid field name"),
+        (("beneficiaries", "--limit", "0"), "--limit"),
+    ],
+)
+def test_list_usage_errors_are_one_line(
+    initialised: Path, args: tuple[str, ...], needle: str
+) -> None:
+    result = cli(initialised, "list", *args)
+    assert result.exit_code != 0
+    assert needle in result.stderr

@@ -8,7 +8,8 @@
                                                malformed input refuses the whole body; records the
                                                collection's rules refuse go to the error queue
     GET    /v1/collections/{c}/records/{key}   the record, or 404
-    GET    /v1/collections/{c}/records?f=v&after=KEY&limit=N   exact-match filters, paged by key
+    GET    /v1/collections/{c}/records?f=v&after=KEY&limit=N   exact-match filters (filter_value),
+                                               paged by key
     GET    /v1/status                          backlog, last contact, last error, clock offset
     GET    /v1/errors[?status=open|all]         the error queue: records the collection's rules
     GET    /v1/errors/{id}                     refused in bulk capture (kept, never dropped)
@@ -339,8 +340,10 @@ async def get_record(request: web.Request) -> web.Response:
     return web.json_response(record)
 
 
-def _query_value(text: str) -> Any:
-    """`?household_size=5` matches the number 5; text that is not JSON matches as a string."""
+def filter_value(text: str) -> Any:
+    """The value a read filter matches (the API's `?field=value`, the CLI's `--where
+    field=value`): `household_size=5` matches the number 5, `household_size="5"` the text "5",
+    `village=Kibera` (not JSON) the text "Kibera"; `true`, `false` and `null` their JSON values."""
     try:
         return json.loads(text)
     except ValueError:
@@ -357,7 +360,7 @@ async def list_records(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="limit must be an integer") from e
     if not 1 <= limit <= MAX_PAGE:
         raise web.HTTPBadRequest(text=f"limit must be between 1 and {MAX_PAGE}")
-    filters = {name: _query_value(value) for name, value in query.items()}
+    filters = {name: filter_value(value) for name, value in query.items()}
     try:
         records, next_after = await request.app[STORE_KEY].page(collection, filters, after, limit)
     except ValueError as e:
