@@ -383,3 +383,15 @@ async def test_the_token_survives_restarts_and_stores_nothing_else(tmp_path: Pat
     async with open_agent(config):
         pass
     assert ensure_token(path) == (first, False)
+
+
+async def test_a_tls_key_others_can_read_stops_the_daemon_with_the_fix(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    key.chmod(0o644)
+    config = agent_config(tmp_path, 0, allow_remote=True, tls_cert=str(cert), tls_key=str(key))
+    identity = NodeIdentity.generate()
+    identity.save(config.key_path)
+    FakeHQ(agent=identity).enrolment("http://127.0.0.1:9").save(config.enrolment_path)
+    with pytest.raises(ConfigError) as caught:
+        await run_agent(config, asyncio.Event())
+    assert f"chmod 600 {key}" in str(caught.value) and "agent.tls_key" in str(caught.value)
