@@ -35,11 +35,13 @@ class Batcher:
         self.zstd_level = zstd_level
         self.sealed = asyncio.Event()  # set whenever a new batch is ready for the forwarder
         self.acked = asyncio.Event()  # set by the forwarder when the window has room again
-        self._lock = asyncio.Lock()  # the forwarder may seal too, when it runs dry
+        # Held while sealing: the forwarder may seal too, when it runs dry, and holds it while a
+        # restore recovery renumbers the outbox.
+        self.lock = asyncio.Lock()
 
     async def seal_next(self) -> SealedBatch | None:
         """Seal the next batch from the outbox, or None if nothing is waiting or the window is full."""
-        async with self._lock:
+        async with self.lock:
             return await self._seal_next()
 
     async def _seal_next(self) -> SealedBatch | None:

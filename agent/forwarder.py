@@ -8,18 +8,22 @@ exponentially with jitter; a poor link also shrinks the batches sealed next.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from agent.backoff import Backoff, wait_any
 from agent.batcher import Batcher
-from agent.hqclient import Gap, HQClient, HQError, RejectedError, TransientError
-from agent.store import AgentStore, DiskFull, StoreError
+from agent.hqclient import Diverged, Gap, HQClient, HQError, RejectedError, TransientError
+from agent.store import AgentStore, DiskFull, HQMarks, StoreError
 from protocol.hlc import system_ms
 from protocol.references import REFERENCES_COLLECTION
 
 PROBE_EVERY = 4  # see sync_once
+# Restore recoveries one push may run: a second "diverged" right after a recovery means HQ's marks
+# and this node disagree in a way renumbering cannot settle (it is refused, for an operator).
+MAX_RECOVERIES = 2
 log = logging.getLogger("fieldsync.agent.forwarder")
 MIN_BATCH_LIMIT = 16
 
@@ -59,7 +63,7 @@ class Forwarder:
 
     async def push_all(self) -> int:
         """Send every sealed batch in order until none is left; returns changes acked."""
-        acked = 0
+        acked = recoveries = 0
         if self.unrecorded_ack:
             acked += await self._forget_acked(self.unrecorded_ack)
         while True:
@@ -79,25 +83,36 @@ class Forwarder:
                     f"{batch.seq}: HQ has lost acknowledged data (restored from a backup?). "
                     "Nothing is deleted here; HQ needs an operator."
                 )
+            if isinstance(answer, Diverged):
+                recoveries += 1
+                await self._recover(answer, recoveries)
+                continue
             if answer.acked_through < batch.seq:
                 raise RejectedError(
                     f"HQ acked through {answer.acked_through} after receiving batch {batch.seq}"
                 )
+            acked_through = answer.acked_through
             sealed_through = int((await self.store.meta())["next_batch_seq"]) - 1
-            if answer.acked_through > sealed_through:
-                raise RejectedError(
-                    f"HQ acknowledges batch {answer.acked_through} but this node sealed only "
-                    f"{sealed_through}: was this agent's database restored from a backup? "
-                    "Nothing is deleted; re-enrol this node with a new key to continue."
+            if acked_through > sealed_through:
+                # Restored from a backup: HQ holds batches this node never sealed (since the
+                # backup). HQ confirmed this one as identical to its own; the numbers after it
+                # hold other content at HQ, so only this one is forgotten. The next batch sent
+                # is refused as diverged, with the marks the recovery needs.
+                log.warning(
+                    "HQ acks batch %d but this node sealed only %d: restored from a backup?"
+                    " Recovering from HQ's next answer",
+                    acked_through,
+                    sealed_through,
                 )
+                acked_through = batch.seq
             try:
-                released = await self._forget_acked(answer.acked_through)
+                released = await self._forget_acked(acked_through)
             except DiskFull:
                 # HQ holds these batches; forgetting them here waits for disk space, sending the
                 # next ones does not. After a restart they are sent again and HQ acks them again.
-                self.unrecorded_ack = max(self.unrecorded_ack, answer.acked_through)
+                self.unrecorded_ack = max(self.unrecorded_ack, acked_through)
                 released = 0
-                log.warning("ack for batch %d not recorded yet: disk full", answer.acked_through)
+                log.warning("ack for batch %d not recorded yet: disk full", acked_through)
             acked += released
             self.counters.batches_sent += 1
             self.counters.changes_acked += released
@@ -105,6 +120,42 @@ class Forwarder:
             self._contact()
             self.batcher.batch_limit = min(self.batcher.max_changes, self.batcher.batch_limit * 2)
             self.batcher.acked.set()
+
+    async def _recover(self, refusal: Diverged, attempt: int) -> None:
+        """HQ refused a batch as diverged: keep its changes, show the refusal in `status`, and
+        renumber and restamp this node's unsent changes above HQ's marks (restore recovery)."""
+        marks = HQMarks(refusal.hq_acked_through, refusal.hq_change_seq, refusal.hq_max_hlc)
+        what = (
+            f"HQ refused batch {refusal.batch} (changes {refusal.seqs[0]}-{refusal.seqs[1]}) as "
+            f"diverged: {refusal.message} (HQ holds batches through {marks.acked_through} and "
+            f"changes through {marks.change_seq} from this node)"
+        )
+        log.warning("%s", what)
+        note = {"at_ms": system_ms(), "message": what, "batch": refusal.batch}
+        try:
+            await self.store.set_meta(hq_refusal=json.dumps(note))
+        except StoreError as e:
+            log.warning("could not record HQ's refusal: %s", e)
+        recovery = None
+        if attempt <= MAX_RECOVERIES:
+            async with self.batcher.lock:  # no batch sealed from the old numbering meanwhile
+                recovery = await self.store.recover_from_restore(marks)
+        if recovery is None:
+            raise RejectedError(
+                f"{what}; this node's numbering is already above those marks, so renumbering "
+                "cannot help: nothing is deleted, HQ's operator must compare the node's history"
+            )
+        self.unrecorded_ack = 0
+        log.warning(
+            "recovered from a restore: %d unsent changes renumbered from %s and stamped above "
+            "HQ's newest stamp, %d already at HQ forgotten, %d sealed batches re-queued; next "
+            "batch %d",
+            recovery.renumbered,
+            recovery.first_seq,
+            recovery.already_at_hq,
+            recovery.dropped_batches,
+            recovery.next_batch_seq,
+        )
 
     async def _forget_acked(self, acked_through: int) -> int:
         released = await self.store.mark_acked(acked_through)

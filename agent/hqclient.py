@@ -58,6 +58,20 @@ class Gap:
 
 
 @dataclass(frozen=True)
+class Diverged:
+    """HQ answered 409 "diverged": the batch reuses batch or change sequence numbers HQ holds from
+    this node with other content (this agent's database was restored from a backup). HQ's marks
+    say where this node's numbering and clock must continue (agent.store.recover_from_restore)."""
+
+    message: str
+    batch: int
+    seqs: tuple[int, int]
+    hq_acked_through: int
+    hq_change_seq: int
+    hq_max_hlc: int
+
+
+@dataclass(frozen=True)
 class FeedPage:
     changes: list[Change]
     cursor: int
@@ -93,6 +107,23 @@ async def _raise_for(response: aiohttp.ClientResponse, what: str) -> None:
     if response.status >= 500 or response.status == 429:
         raise TransientError(f"{what}: HQ answered {response.status}: {text}")
     raise RejectedError(f"{what}: HQ refused with {response.status}: {text}")
+
+
+def _diverged(answer: dict[str, Any]) -> Diverged:
+    """A 409 "diverged" answer; without HQ's marks no recovery is possible: RejectedError."""
+    message = str(answer.get("message") or "batch diverges from what HQ holds")
+    try:
+        first, last = answer["seqs"]
+        return Diverged(
+            message,
+            int(answer["batch"]),
+            (int(first), int(last)),
+            int(answer["hq_acked_through"]),
+            int(answer["hq_change_seq"]),
+            int(answer["hq_max_hlc"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise RejectedError(f"push: HQ refused the batch as diverged: {message}") from e
 
 
 class HQClient:
@@ -156,7 +187,7 @@ class HQClient:
     def _learn_time(self, hq_time_ms: int, local_ms: int) -> None:
         self.clock_offset_ms = hq_time_ms - local_ms
 
-    async def push(self, sealed: bytes) -> Ack | Gap:
+    async def push(self, sealed: bytes) -> Ack | Gap | Diverged:
         status, body, local_ms = await self._request(
             "POST", BATCHES_PATH, data=sealed, headers={"Content-Type": SEALED_CONTENT_TYPE}
         )
@@ -164,7 +195,7 @@ class HQClient:
             try:
                 answer = json.loads(body)
                 if answer.get("error") == "diverged":
-                    raise RejectedError(f"push: HQ refused: {answer.get('message')}")
+                    return _diverged(answer)
                 return Gap(int(answer["expected"]))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise TransientError(f"push: malformed 409 answer from HQ: {body[:200]!r}") from e

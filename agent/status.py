@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from agent.store import FULL_DISK_BYTES, LOW_DISK_BYTES, AgentStore, free_bytes
@@ -37,6 +38,10 @@ async def read_status(store: AgentStore) -> dict[str, Any]:
     meta = await store.meta()
     backlog = await store.backlog()
     full, free, warnings = disk_warnings(store)
+    refusal = _json(meta.get("hq_refusal"))
+    if refusal:
+        warnings.append(f"{refusal.get('message')} at {_when(int(refusal.get('at_ms', 0)))}")
+    recovery = _json(meta.get("last_recovery"))
     return {
         "node_id": store.node_id,
         "backlog_changes": backlog["changes"],
@@ -54,6 +59,30 @@ async def read_status(store: AgentStore) -> dict[str, Any]:
         "data_dir": str(store.data_dir),
         "disk_free_bytes": free,
         "disk_full": full,
-        # What an operator must know first (disk full, HQ refusals and restore recoveries).
+        # What an operator must know first (disk full, HQ refusals).
         "warnings": warnings,
+        # Restores from backup this node recovered from (agent.store.recover_from_restore).
+        "restore_recoveries": int(meta.get("recovery_count", 0)),
+        "last_recovery": _recovery_text(recovery) if recovery else None,
+        "last_recovery_detail": recovery or None,
     }
+
+
+def _json(text: object) -> dict[str, Any]:
+    if not isinstance(text, str) or not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _recovery_text(r: dict[str, Any]) -> str:
+    return (
+        f"{_when(int(r.get('at_ms', 0)))}: restored database detected (HQ held batches through "
+        f"{r.get('hq_acked_through')} and changes through {r.get('hq_change_seq')} from this "
+        f"node); {r.get('renumbered')} unsent changes renumbered from {r.get('first_seq')} "
+        f"and restamped, {r.get('already_at_hq')} already at HQ forgotten, "
+        f"{r.get('dropped_batches')} sealed batches re-queued"
+    )

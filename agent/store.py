@@ -29,7 +29,7 @@ import orjson
 
 from agent.migrations import MigrationError, migrate
 from protocol.change import OPS, Change, Op
-from protocol.hlc import HybridClock, physical_ms
+from protocol.hlc import HybridClock, physical_ms, system_ms
 from protocol.merge import (
     NO_POLICIES,
     NO_STAMP,
@@ -686,6 +686,11 @@ class AgentStore:
                 row = await cursor.fetchone()
             if row is None or int(row[0]) != batch.seq:
                 raise StoreError(f"batch {batch.seq} is not the next batch ({row})")
+            async with db.execute("SELECT v FROM meta WHERE k = 'sealed_through'") as cursor:
+                sealed = await cursor.fetchone()
+            if sealed is None or int(sealed[0]) + 1 != batch.first:
+                # Renumbered meanwhile (a restore recovery): these changes are sealed anew.
+                raise StoreError(f"batch {batch.seq} starts at change {batch.first}, not next")
             await db.execute(
                 "INSERT INTO batches (seq, first, last, count, sealed, created_ms)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -731,6 +736,110 @@ class AgentStore:
             await db.execute("UPDATE meta SET v = v + ? WHERE k = 'acked_changes'", (count,))
             await db.execute("UPDATE meta SET v = v + ? WHERE k = 'sent_bytes'", (size,))
             return int(count)
+
+        return await self._transaction(body)
+
+    # ---- recovery after a restore from backup ------------------------------------------------
+
+    async def recover_from_restore(self, marks: HQMarks) -> Recovery | None:
+        """Make this node's unsent changes new to HQ after agent.db was restored from a backup
+        (HQ holds batch or change sequence numbers, or stamps, from this node above its own).
+
+        In one transaction, so a kill leaves the database before or after it: queued changes HQ
+        already holds (seq and stamp within HQ's marks: queued at backup time, sent by the undone
+        timeline) are forgotten; sealed but unacked batches are dropped (their changes stay
+        queued); every other unsent change is renumbered from
+        `hq_change_seq + 1` and batches continue after `hq_acked_through`; the clock moves past
+        `hq_max_hlc` and every unsent change is stamped anew above it, in order (parents that
+        named an earlier unsent change of the same record follow it), and so are the local
+        records' stamps those changes set, so this replica and HQ agree on them. None when
+        nothing is to be done (already recovered with these marks): idempotent.
+        """
+
+        async def body(db: aiosqlite.Connection) -> Recovery | None:
+            async with db.execute(
+                "SELECT k, v FROM meta WHERE k IN ('next_change_seq', 'next_batch_seq',"
+                " 'acked_batch', 'clock_last', 'recovery_count', 'acked_changes')"
+            ) as cursor:
+                meta = {k: int(v) async for k, v in cursor}
+            async with db.execute("SELECT min(seq), count(*), min(hlc) FROM outbox") as cursor:
+                low, count, low_hlc = await cursor.fetchone() or (None, 0, None)
+            async with db.execute("SELECT count(*), coalesce(min(seq), 0) FROM batches") as c:
+                batches, _ = await c.fetchone() or (0, 0)
+            if not (
+                meta["next_batch_seq"] <= marks.acked_through
+                or meta["next_change_seq"] <= marks.change_seq
+                or (low is not None and low <= marks.change_seq)
+                or (low_hlc is not None and low_hlc <= marks.max_hlc)
+            ):
+                return None
+            self.clock.observe(max(marks.max_hlc, int(meta["clock_last"])))
+            # Changes HQ already holds: queued when the backup was taken, sent later by the
+            # timeline the restore undid (same seq, stamped before HQ's newest stamp). Sent
+            # again under new numbers they would be applied twice. Assumes the clock was not
+            # set back between that timeline and the restore (docs/operations.md).
+            cursor = await db.execute(
+                "DELETE FROM outbox WHERE seq <= ? AND hlc <= ?", (marks.change_seq, marks.max_hlc)
+            )
+            held = max(0, cursor.rowcount)
+            await db.execute("DELETE FROM summary_outbox WHERE seq NOT IN (SELECT seq FROM outbox)")
+            async with db.execute("SELECT min(seq), count(*) FROM outbox") as cursor:
+                low, count = await cursor.fetchone() or (None, 0)
+            base = max(marks.change_seq, (low or meta["next_change_seq"]) - 1)
+            restamped: dict[tuple[str, str], dict[int, int]] = {}
+            rows: list[tuple[int, int, int, int]] = []  # old seq, new seq, new hlc, new parent
+            async with db.execute(
+                "SELECT seq, collection, key, hlc, parent FROM outbox ORDER BY seq"
+            ) as cursor:
+                async for seq, collection, key, hlc, parent in cursor:
+                    mine = restamped.setdefault((collection, key), {})
+                    new_hlc = self.clock.now()
+                    rows.append((seq, base + 1 + len(rows), new_hlc, mine.get(parent, parent)))
+                    mine[hlc] = new_hlc
+            await db.execute("DELETE FROM batches")
+            # Through negative numbers: no two rows ever hold one seq during the update.
+            await db.executemany(
+                "UPDATE outbox SET seq = ?, hlc = ?, parent = ? WHERE seq = ?",
+                [(-new, hlc, parent, old) for old, new, hlc, parent in rows],
+            )
+            await db.execute("UPDATE outbox SET seq = -seq WHERE seq < 0")
+            await db.executemany(
+                "UPDATE summary_outbox SET seq = ? WHERE seq = ?",
+                [(new, old) for old, new, _, _ in rows],
+            )
+            states = await _load_states(db, restamped)
+            for ident, state in states.items():
+                _restamp(state, restamped[ident], self.node_id)
+            await _save_states(db, states, self.policies)
+            next_batch = max(marks.acked_through, meta["acked_batch"]) + 1
+            recovery = Recovery(
+                at_ms=system_ms(),
+                hq_acked_through=marks.acked_through,
+                hq_change_seq=marks.change_seq,
+                hq_max_hlc=marks.max_hlc,
+                dropped_batches=int(batches),
+                already_at_hq=held,
+                renumbered=int(count),
+                old_first_seq=low,
+                first_seq=base + 1 if rows else None,
+                next_batch_seq=next_batch,
+            )
+            await db.executemany(
+                "INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)",
+                [
+                    ("next_change_seq", base + 1 + len(rows)),
+                    ("sealed_through", base),
+                    ("claimed_through", base),
+                    ("next_batch_seq", next_batch),
+                    ("acked_batch", next_batch - 1),
+                    ("clock_last", self.clock.last),
+                    ("recovery_count", meta.get("recovery_count", 0) + 1),
+                    ("last_recovery", orjson.dumps(recovery.to_json()).decode()),
+                    ("hq_refusal", ""),
+                    ("acked_changes", int(meta.get("acked_changes", 0)) + held),
+                ],
+            )
+            return recovery
 
         return await self._transaction(body)
 
@@ -892,6 +1001,53 @@ class AgentStore:
         assert row is not None
         names = ("changes", "bytes", "batches", "batch_bytes")
         return {name: int(value) for name, value in zip(names, row, strict=True)}
+
+
+@dataclass(frozen=True, slots=True)
+class HQMarks:
+    """What HQ holds from this node: highest batch acked, highest change (origin) seq, highest
+    HLC stamp (from its 409 "diverged" answer)."""
+
+    acked_through: int
+    change_seq: int
+    max_hlc: int
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What a restore recovery did (kept in meta `last_recovery`, shown by `status`)."""
+
+    at_ms: int
+    hq_acked_through: int
+    hq_change_seq: int
+    hq_max_hlc: int
+    dropped_batches: int  # sealed, never acked: their changes were queued again
+    already_at_hq: int  # queued here, but HQ holds them (sent before the restore): forgotten
+    renumbered: int  # unsent changes given new sequence numbers and stamps
+    old_first_seq: int | None
+    first_seq: int | None
+    next_batch_seq: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def _restamp(state: RecordState, new_hlcs: Mapping[int, int], node_id: str) -> None:
+    """Move this node's stamps (fields, tombstone, review heads) from old to new HLCs."""
+    for name, (hlc, origin) in list(state.stamps.items()):
+        if origin == node_id and hlc in new_hlcs:
+            state.stamps[name] = (new_hlcs[hlc], origin)
+    hlc, origin = state.tombstone
+    if origin == node_id and hlc in new_hlcs:
+        state.tombstone = (new_hlcs[hlc], origin)
+    for name, heads in state.heads.items():
+        moved = [
+            h._replace(hlc=new_hlcs[h.hlc], parent=new_hlcs.get(h.parent, h.parent))
+            if h.origin == node_id and h.hlc in new_hlcs
+            else h
+            for h in heads
+        ]
+        state.heads[name] = sorted(moved, key=lambda h: (h.hlc, h.origin), reverse=True)
 
 
 async def _unclaimed_summary_rows(
