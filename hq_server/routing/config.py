@@ -34,6 +34,7 @@ from typing import Any
 
 from hq_server.routing.mapping import Mapping, compile_mapping
 from hq_server.sinks.base import SINK_TYPES, SinkType
+from hq_server.sinks.plaintext import Plaintext
 from protocol.config import ConfigError, at_least, build, positive, read_toml, setting
 
 ROUTE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -173,6 +174,12 @@ class RouteSection:
     retired_at: str = setting("", "Date the route was retired (YYYY-MM-DD); required if retired.")
     retired_reason: str = setting("", "Why the route was retired; required if retired.")
     batch_size: int = setting(200, "Most items handed to the sink at once.", positive)
+    insecure_plaintext: bool = setting(
+        False,
+        "Allow the sink to send records and credentials unencrypted to another machine (http://, "
+        'amqp:// without TLS, PostgreSQL sslmode = "disable"). Refused without it; with it, HQ '
+        "warns at every start and the inventory shows it.",
+    )
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     sink: dict[str, Any] = setting({}, "The target: type = SINK TYPE plus that sink's settings.")
 
@@ -186,6 +193,8 @@ class Route:
     trigger: Trigger
     sink_type: SinkType
     sink_settings: Any
+    # Unencrypted connections to other machines the route was allowed (insecure_plaintext = true).
+    plaintext: tuple[Plaintext, ...] = ()
 
     @property
     def active(self) -> bool:
@@ -266,6 +275,7 @@ def _route(name: str, table: Any, mappings: dict[str, Mapping], source: str) -> 
         raise ConfigError(source, where, e.reason) from e
     except (ValueError, TypeError) as e:
         raise ConfigError(source, key + ".sink", str(e)) from e
+    plaintext = _plaintext(name, section, settings, source)
     return Route(
         name=name,
         section=section,
@@ -274,7 +284,26 @@ def _route(name: str, table: Any, mappings: dict[str, Mapping], source: str) -> 
         trigger=trigger,
         sink_type=sink_type,
         sink_settings=settings,
+        plaintext=plaintext,
     )
+
+
+def _plaintext(
+    name: str, section: RouteSection, settings: Any, source: str
+) -> tuple[Plaintext, ...]:
+    """The sink's unencrypted connections to other machines (`hq_server.sinks.plaintext`):
+    refused, naming the route, the setting, the file and the fix, unless the route allows them."""
+    finder = getattr(settings, "plaintext", None)
+    found = tuple(finder()) if callable(finder) else ()
+    if found and not section.insecure_plaintext:
+        first = found[0]
+        raise ConfigError(
+            source,
+            f"routes.{name}.sink.{first.key}",
+            f"route {name} would send records unencrypted ({first.what}): {first.fix}; or, if "
+            f"this network is trusted, set insecure_plaintext = true in [routes.{name}]",
+        )
+    return found
 
 
 def _included_mappings(data: dict[str, Any], source: str) -> dict[str, Any]:

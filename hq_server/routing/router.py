@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hq_server.logs import event
 from hq_server.routing.config import Route, RoutesConfig
 from hq_server.routing.mapping import Mapped, MappingError
 from hq_server.routing.state import (
@@ -561,7 +562,22 @@ class Router:
         for runner in self.runners.values():
             runner.wakeup.set()
 
+    def warn_plaintext(self) -> None:
+        """One warning per running route allowed to send unencrypted (insecure_plaintext), at
+        every start, so the exception never goes unnoticed."""
+        for runner in self.runners.values():
+            for found in runner.route.plaintext:
+                event(
+                    log,
+                    logging.WARNING,
+                    f"route {runner.route.name} sends records unencrypted: {found.what} "
+                    f"(insecure_plaintext = true); to encrypt: {found.fix}",
+                    route=runner.route.name,
+                    setting=f"sink.{found.key}",
+                )
+
     async def run(self, stop: asyncio.Event) -> None:
+        self.warn_plaintext()
         await self.store.open()
         async with asyncio.TaskGroup() as tasks:
             for runner in self.runners.values():
@@ -579,9 +595,11 @@ def describe(route: Route) -> dict[str, Any]:
         "source": ", ".join(s.sources),
         "filter": " and ".join(f"{p.field} {p.op} {p.value!r}" for p in route.predicates) or "-",
         "mapping": s.mapping or "(as is)",
-        "target": route.sink_type.kind,
+        "target": route.sink_type.kind + (" (INSECURE PLAINTEXT)" if route.plaintext else ""),
         "trigger": s.trigger + ("" if s.timezone == "UTC" else f" ({s.timezone})"),
         "error_handling": f"retry {s.retry.attempts}x, {s.retry.initial_s:g}s..{s.retry.max_s:g}s"
         ", then dead-letter queue",
         "retired": f"{s.retired_at}: {s.retired_reason}" if s.state == "retired" else "",
+        "insecure_plaintext": s.insecure_plaintext,
+        "plaintext": "; ".join(p.what for p in route.plaintext),
     }

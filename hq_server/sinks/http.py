@@ -41,6 +41,7 @@ import aiohttp
 import yarl
 
 from hq_server.sinks.base import Outcome
+from hq_server.sinks.plaintext import Plaintext, is_loopback
 from hq_server.sinks.secrets import Secret
 from protocol.config import ConfigError
 
@@ -98,6 +99,16 @@ def http_url(value: Any) -> str | None:
     if url.fragment:
         return "must not contain a #fragment"
     return None
+
+
+def http_plaintext(key: str, url: str | None) -> list[Plaintext]:
+    """`url` (setting `key`) as a Plaintext finding if it is http:// to another machine."""
+    if not url:
+        return []
+    parsed = yarl.URL(url.replace("{key}", "k"))
+    if parsed.scheme != "http" or is_loopback(parsed.host):
+        return []
+    return [Plaintext(key, f"http:// to {parsed.host}", "use an https:// URL")]
 
 
 def exactly_one_secret(what: str, env_key: str, env: str | None, file: Path | None) -> None:

@@ -91,6 +91,7 @@ import orjson
 from hq_server.logs import event
 from hq_server.sinks.base import NOT_ATTEMPTED, Delivery, Outcome, Outgoing, register_sink
 from hq_server.sinks.http import required_setting, settings_error
+from hq_server.sinks.plaintext import Plaintext, remote_hosts
 from hq_server.sinks.secrets import SecretError, resolve_secret
 from protocol.config import at_least, between, positive, setting
 
@@ -234,6 +235,19 @@ class PostgresSettings:
         used += [c for c in (self.payload_column, self.idempotency_column) if c]
         if len(set(used)) != len(used):
             raise settings_error("columns", f"a column is used twice: {sorted(used)}")
+
+    def plaintext(self) -> list[Plaintext]:
+        """sslmode = "disable" to a host that is not this machine (see `sinks.plaintext`)."""
+        remote = remote_hosts(self.host)
+        if self.sslmode != "disable" or not remote:
+            return []
+        return [
+            Plaintext(
+                "sslmode",
+                f'sslmode = "disable" to {", ".join(remote)}',
+                'set sslmode = "verify-full" (the server needs a TLS certificate)',
+            )
+        ]
 
 
 class _RunLost(Exception):

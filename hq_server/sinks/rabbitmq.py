@@ -55,6 +55,7 @@ import orjson
 from hq_server.logs import event
 from hq_server.sinks.base import NOT_ATTEMPTED, Delivery, Outcome, Outgoing, register_sink
 from hq_server.sinks.http import exactly_one_secret, redact, required_setting, settings_error
+from hq_server.sinks.plaintext import Plaintext, is_loopback
 from hq_server.sinks.secrets import SecretError, resolve_secret
 from protocol.config import at_least, between, positive, setting
 
@@ -184,6 +185,18 @@ class RabbitMQSettings:
             raise settings_error("declare", "needs a named exchange outside amq.*")
         if (reason := check_template(self.routing_key_template)) is not None:
             raise settings_error("routing_key_template", reason)
+
+    def plaintext(self) -> list[Plaintext]:
+        """amqp:// (tls = false) to a host that is not this machine (see `sinks.plaintext`)."""
+        if self.tls or is_loopback(self.host):
+            return []
+        return [
+            Plaintext(
+                "tls",
+                f"amqp:// without TLS to {self.host}",
+                "set tls = true (and port = 5671, the usual amqps port)",
+            )
+        ]
 
 
 def _short(text: str) -> str:

@@ -57,10 +57,12 @@ from hq_server.sinks.http import (
     classify,
     exactly_one_secret,
     header_safe,
+    http_plaintext,
     http_url,
     json_body,
     settings_error,
 )
+from hq_server.sinks.plaintext import Plaintext
 from hq_server.sinks.secrets import Secret, SecretError, resolve_secret
 from protocol.config import positive, setting
 
@@ -205,6 +207,14 @@ class RestSettings:
                 "authentication is required: set api_key_header with api_key_env/_file, or "
                 "token_url, client_id and client_secret_env/_file",
             )
+
+    def plaintext(self) -> list[Plaintext]:
+        """Every URL that is http:// to another machine (see `hq_server.sinks.plaintext`)."""
+        return [
+            *http_plaintext("url_template", self.url_template),
+            *http_plaintext("collection_url", self.collection_url),
+            *http_plaintext("token_url", self.token_url),
+        ]
 
 
 class TokenError(Exception):

@@ -59,10 +59,12 @@ from hq_server.sinks.http import (
     TransportError,
     classify,
     exactly_one_secret,
+    http_plaintext,
     http_url,
     json_body,
     required_setting,
 )
+from hq_server.sinks.plaintext import Plaintext
 from hq_server.sinks.secrets import Secret, resolve_secret
 from protocol.config import positive, setting
 
@@ -107,6 +109,10 @@ class WebhookSettings:
     def __post_init__(self) -> None:
         # build() checks keys one at a time; a combination can only be checked here.
         exactly_one_secret("the signing secret", "secret_env", self.secret_env, self.secret_file)
+
+    def plaintext(self) -> list[Plaintext]:
+        """The URL, if it is http:// to another machine (see `hq_server.sinks.plaintext`)."""
+        return http_plaintext("url", self.url)
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -168,13 +174,6 @@ class WebhookSink:
         self._http = HttpClient(
             timeout_s=settings.timeout_s, ca_bundle=settings.ca_bundle, secrets=(secret,)
         )
-        if self._url.scheme == "http" and self._url.host not in ("127.0.0.1", "::1", "localhost"):
-            event(
-                log,
-                logging.WARNING,
-                "webhook url is plain http: records travel unencrypted",
-                url=str(self._url),
-            )
 
     def __repr__(self) -> str:
         return f"WebhookSink(url={str(self._url)!r})"
