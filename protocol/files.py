@@ -151,8 +151,10 @@ def hold_lock(path: Path, program: str) -> Iterator[None]:
             text = os.pread(fd, 64, 0).decode("ascii", "replace").split()
             pid = int(text[1]) if len(text) > 1 and text[1].isdigit() else None
             raise FolderLocked(path, pid) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{program} {os.getpid()}\n".encode("ascii"), 0)
+        # The PID is only for the message; on a full disk the lock holds without it.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{program} {os.getpid()}\n".encode("ascii"), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
