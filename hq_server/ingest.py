@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,19 +31,19 @@ from hq_server.store import (
     UnstorableChange,
 )
 from protocol.change import Change, decode_changes
+from protocol.collections import CollectionsConfig
 from protocol.envelope import Codec, Kind, open_sealed, read_header, seal
-from protocol.errors import ClockDrift, CorruptMessage, UnknownNode
+from protocol.errors import ClockDrift, CorruptMessage, InvalidChange, UnknownNode
 from protocol.hlc import MAX_HLC, HybridClock, format_hlc, physical_ms
 from protocol.identity import NodeIdentity
-from protocol.references import RESERVED_PREFIX
+from protocol.limits import Problem, change_problem, shown
 from protocol.transport import ack_body
+from protocol.validation import type_violations
 
 log = logging.getLogger("fieldsync.hq.ingest")
 
-MAX_VALUE_DEPTH = 64
 # The highest stamp a node's change may carry: HQ keeps 2^32 stamps above it for its own changes.
 MAX_NODE_HLC = MAX_HLC - 2**32
-_PLAIN = frozenset({str, int, bool, type(None)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,27 +75,47 @@ def peek_signer(data: bytes) -> str:
     return node
 
 
-def _json_safe(value: Any, depth: int = 0) -> bool:
-    """True if `value` survives JSON (records are stored and delivered to sinks as JSON)."""
-    kind = type(value)
-    if kind in _PLAIN:
-        return True
-    if kind is float:
-        return math.isfinite(value)
-    if depth >= MAX_VALUE_DEPTH:
-        return False
-    if kind is list:
-        return all(_json_safe(v, depth + 1) for v in value)
-    if kind is dict:
-        return all(type(k) is str and _json_safe(v, depth + 1) for k, v in value.items())
-    return False
+def _invalid(batch_seq: int, change: Change, problem: Problem) -> InvalidChange:
+    where = f"batch {batch_seq}, change {change.seq} ({shown(change.collection)}, key "
+    where += f"{shown(change.key)})"
+    return InvalidChange(
+        f"{where}: {problem}; nothing of the batch was stored",
+        batch=batch_seq,
+        change=change.seq,
+        rule=problem.rule,
+        field=problem.field,
+    )
 
 
-def validate_batch(header: dict[str, Any], changes: list[Change]) -> list[Change]:
-    """Check a decoded batch against its signed header; return its changes in sequence order.
+def _type_problem(collections: CollectionsConfig | None, change: Change) -> Problem | None:
+    """A value breaking its declared type, when HQ has the collections file and declares the
+    collection (HQ accepts collections it does not declare, as agents without the file send)."""
+    if collections is None or change.op != "upsert":
+        return None
+    collection = collections.collections.get(change.collection)
+    if collection is None:
+        return None
+    violations = type_violations(collection, change.fields)
+    if not violations:
+        return None
+    first = violations[0]
+    return Problem("field_type", f"{first.message} (declared in {collections.source})", first.field)
 
-    `decode_changes` groups changes by collection, so the decoded order is not the sequence
-    order; sorting restores the order in which the node made them (the change log keeps it).
+
+def validate_batch(
+    header: dict[str, Any],
+    changes: list[Change],
+    collections: CollectionsConfig | None = None,
+) -> list[Change]:
+    """Check a decoded batch against its signed header, and every change against the rules both
+    sides share (protocol.limits) and, with `collections`, the declared types; return the changes
+    in sequence order.
+
+    Structure first (CorruptMessage, 400: the batch contradicts itself or its header), then
+    content (InvalidChange, 422, naming the batch, the change and the rule), change by change in
+    sequence order. `decode_changes` groups changes by collection, so the decoded order is not
+    the sequence order; sorting restores the order in which the node made them (the change log
+    keeps it).
     """
     node, batch_seq = header["node"], header["seq"]
     first, last = header["first"], header["last"]
@@ -135,24 +154,22 @@ def validate_batch(header: dict[str, Any], changes: list[Change]) -> list[Change
                 f"change {change.seq}: parent {change.parent} is not below its timestamp "
                 f"{change.hlc}"
             )
-        if not change.collection or not change.key:
-            raise CorruptMessage(f"change {change.seq}: collection and key must not be empty")
-        if change.collection.startswith(RESERVED_PREFIX):
-            raise CorruptMessage(
-                f"change {change.seq}: collection {change.collection!r} is reserved for HQ "
-                f"(names starting with {RESERVED_PREFIX!r})"
-            )
-        for value in change.fields.values():
-            if type(value) not in _PLAIN and not _json_safe(value):
-                raise CorruptMessage(
-                    f"change {change.seq}: field values must be JSON-compatible "
-                    "(no binary, timestamps extension, NaN or nesting deeper than "
-                    f"{MAX_VALUE_DEPTH})"
-                )
+    for change in ordered:
+        problem = change_problem(change.collection, change.key, change.fields) or _type_problem(
+            collections, change
+        )
+        if problem is not None:
+            raise _invalid(batch_seq, change, problem)
     return ordered
 
 
-def decode_batch(data: bytes, public_key: bytes | None, *, max_raw: int) -> DecodedBatch:
+def decode_batch(
+    data: bytes,
+    public_key: bytes | None,
+    *,
+    max_raw: int,
+    collections: CollectionsConfig | None = None,
+) -> DecodedBatch:
     """Verify, decompress, decode and validate one CHANGES message (CPU-bound: run it in a thread).
 
     `public_key` is the enrolled, unrevoked key of the node the frame names, or None, which
@@ -162,7 +179,7 @@ def decode_batch(data: bytes, public_key: bytes | None, *, max_raw: int) -> Deco
     if opened.kind != Kind.CHANGES:
         raise CorruptMessage(f"expected a changes batch, got a {opened.kind.name.lower()} message")
     header = opened.header
-    changes = validate_batch(header, decode_changes(opened.body))
+    changes = validate_batch(header, decode_changes(opened.body), collections)
     return DecodedBatch(header["node"], header["seq"], header["time"], changes, opened.size)
 
 
@@ -194,12 +211,20 @@ class Ingestor:
     """
 
     def __init__(
-        self, store: HQStore, identity: NodeIdentity, clock: HybridClock, *, max_raw: int
+        self,
+        store: HQStore,
+        identity: NodeIdentity,
+        clock: HybridClock,
+        *,
+        max_raw: int,
+        collections: CollectionsConfig | None = None,
     ) -> None:
         self.store = store
         self.identity = identity
         self.clock = clock
         self.max_raw = max_raw
+        # hq.collections_file: changes to a collection it declares must keep the declared types.
+        self.collections = collections
         # Decoding is CPU- and memory-heavy (a batch expands up to max_raw): at most as many at
         # once as there are cores, so a burst of uploads cannot multiply HQ's memory.
         self._decoding = asyncio.Semaphore(max(1, min(4, os.cpu_count() or 1)))
@@ -209,7 +234,9 @@ class Ingestor:
         node = await self.store.get_node(peek_signer(data))
         key = node.public_key if node is not None and node.active else None
         async with self._decoding:
-            batch = await asyncio.to_thread(decode_batch, data, key, max_raw=self.max_raw)
+            batch = await asyncio.to_thread(
+                decode_batch, data, key, max_raw=self.max_raw, collections=self.collections
+            )
         offset, flag = self._check_clock(batch)
         try:
             result = await self.store.ingest(

@@ -19,9 +19,19 @@ from typing import Any
 
 from protocol.collections import ReferenceTable, read_lookup_file, read_reference_file
 
-# Collections whose names start with "_" are HQ's: nodes may not write them (HQ refuses such
-# changes at ingest, agents refuse such collections in their config).
-RESERVED_PREFIX = "_"
+# Collections whose names start with "_" (RESERVED_PREFIX) are HQ's: nodes may not write them (HQ
+# refuses such changes at ingest, agents refuse such collections in their config).
+from protocol.limits import RESERVED_PREFIX
+
+__all__ = [
+    "REFERENCES_COLLECTION",
+    "RESERVED_PREFIX",
+    "newer_tables",
+    "read_table",
+    "table_from_record",
+    "table_record",
+]
+
 REFERENCES_COLLECTION = RESERVED_PREFIX + "references"
 
 

@@ -6,7 +6,8 @@ records, which are forwarded to HQ instead of the records themselves.
 
 A summary record (in the derived collection `summary.collection`) exists per node, group and time
 window. Its key is `node|window_start|group value|...` (`%`, `|` and `~` in values escaped as
-%25, %7C and %7E; a missing group value is `~`), and its fields are the group values (named after
+%25, %7C and %7E, control characters as %XX; a missing group value is `~`; a key over
+protocol.limits.MAX_KEY_BYTES ends in `#` and a SHA-256 of the whole key), and its fields are the group values (named after
 the last step of their path: `items[].unit` -> `unit`), `node`, `window_start`, `window_end`
 (exclusive) and one field per aggregate. Because only its own node ever writes it, HQ's copy is
 exact; HQ's total over a group and window is the sum (or min/max) over the nodes' records.
@@ -28,11 +29,13 @@ exactly once however the agent stops.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass, field
 from decimal import Context, Decimal, InvalidOperation
 from typing import Any
 
 from protocol.collections import Aggregate, PathStep, Summary
+from protocol.limits import MAX_KEY_BYTES, refused_in_keys
 
 __all__ = ["Delta", "add", "contributions", "summary_key", "window"]
 
@@ -95,12 +98,23 @@ def _escape(value: Any) -> str:
     if value is None:
         return "~"
     text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-    return text.replace("%", "%25").replace("|", "%7C").replace("~", "%7E")
+    text = text.replace("%", "%25").replace("|", "%7C").replace("~", "%7E")
+    if not text.isprintable():  # control characters may not appear in a key (protocol.limits)
+        text = "".join(f"%{ord(c):02X}" if refused_in_keys(c) else c for c in text)
+    return text
 
 
 def summary_key(node: str, window_start: str, groups: tuple[Any, ...]) -> str:
-    """The key of the summary record of one node, window and group."""
-    return "|".join((_escape(node), window_start, *map(_escape, groups)))
+    """The key of the summary record of one node, window and group.
+
+    A key longer than protocol.limits.MAX_KEY_BYTES (long group values) keeps its first part and
+    ends in `#` and a SHA-256 of the whole key instead, so it still names one group and fits."""
+    key = "|".join((_escape(node), window_start, *map(_escape, groups)))
+    if len(key) * 4 <= MAX_KEY_BYTES or len(key.encode()) <= MAX_KEY_BYTES:
+        return key
+    digest = "#" + hashlib.sha256(key.encode()).hexdigest()
+    head = key.encode()[: MAX_KEY_BYTES - len(digest)].decode("utf-8", "ignore")
+    return head + digest
 
 
 def _at(value: Any, steps: tuple[PathStep, ...]) -> Any:

@@ -103,6 +103,24 @@ def validate(
     return out
 
 
+def type_violations(collection: Collection, fields: Mapping[str, Any]) -> list[Violation]:
+    """The values of `fields` (one change's, by wire name) that break their field's declared
+    *type*: what HQ checks at ingest when it has the collections file.
+
+    Only types: constraints (lengths, ranges, patterns, enum values) and rules may differ between
+    the agent's copy of the collections file and HQ's, and a batch refused for one would strand the
+    node's queue; a value of the wrong type is wrong under any version. Undeclared fields (derived
+    by a transform, a flags field) and nulls are not checked."""
+    out: list[Violation] = []
+    for name, value in fields.items():
+        if value is None:
+            continue
+        spec = collection.fields.get(collection.declared_name(name))
+        if spec is not None:
+            _CHECKERS[spec.type](spec, value, name, out)
+    return [v for v in out if v.rule == "type"]
+
+
 def check_rules(
     rules: Sequence[Rule],
     record: dict[Any, Any],

@@ -275,13 +275,14 @@ async def test_inconsistent_headers_are_400(tmp_path: Path) -> None:
         await refused(hq, feed_kind, 400, "corrupt")
 
 
-async def test_unstorable_values_are_400(tmp_path: Path) -> None:
+async def test_unstorable_values_are_refused(tmp_path: Path) -> None:
+    """Values JSON cannot carry are a broken rule (422, protocol.limits)."""
     async with running_hq(tmp_path) as hq:
         node = await hq.enroll()
         base = make_changes(node, 1, 1)[0]
         for bad in (b"binary", float("nan"), {"nested": float("inf")}, {b"k": 1}):
             change = replace(base, fields={"x": bad})
-            await refused(hq, seal_batch(node, 1, [change]), 400, "corrupt")
+            await refused(hq, seal_batch(node, 1, [change]), 422, "invalid_change")
         too_late = replace(base, hlc=1 << 63)
         await refused(hq, seal_batch(node, 1, [too_late]), 400, "corrupt")
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from agent.store import Planned, SummaryUpdate, Write
 from protocol.collections import Collection, ReferenceTable
+from protocol.limits import size_problem
 from protocol.summary import add, contributions
 from protocol.transforms import original, transform
 from protocol.validation import check_rules
@@ -62,6 +63,9 @@ class CollectionEdge:
         fields, local_only, problems = transform(c, record, self.references)
         if problems:  # checked before the write was queued; a newer reference table can differ
             return Planned({}, refused="; ".join(p.message for p in problems))
+        if c.transform is not None and (too_big := self._size_problem(fields, local_only)):
+            # Lookups and derived fields can make the record sent larger than the one checked.
+            return Planned({}, refused=too_big)
         forward, whole = True, False
         if c.forward == "exceptions":
             flagged = self._flags(record)
@@ -101,6 +105,13 @@ class CollectionEdge:
         if summary is None or write.op != "upsert" or write.must_exist:
             return []
         return [(summary.collection, d.key) for d in contributions(summary, write.fields, node)]
+
+    @staticmethod
+    def _size_problem(fields: dict[str, Any], local_only: frozenset[str]) -> str | None:
+        """HQ's limit on a change (protocol.limits) applied to what the record would send."""
+        sent = {n: v for n, v in fields.items() if n not in local_only} if local_only else fields
+        problem = size_problem(sent)
+        return None if problem is None else f"as sent (transformed), {problem}"
 
     def _flags(self, record: dict[str, Any]) -> list[str]:
         now = dt.datetime.fromtimestamp(self._clock_ms() / 1000, dt.UTC)

@@ -2,13 +2,15 @@
 
 One parser for every capture path (local API, CLI, drop folder), so a record is judged the same way
 whichever door it came through. Errors name the source, line, record key, field and rule.
+
+Names, keys, values and sizes are judged by protocol.limits, the rules HQ applies to every change
+it receives: a record the agent accepts here is never refused by HQ for them.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -16,11 +18,24 @@ from typing import Any
 import orjson
 
 from agent.store import Write
+from protocol.limits import (
+    MAX_CHANGE_BYTES,
+    MAX_KEY_BYTES,
+    MAX_VALUE_DEPTH,
+    NAME,
+    collection_problem,
+    field_name_problem,
+    key_problem,
+    size_problem,
+    value_problem,
+)
 
-MAX_RECORD_BYTES = 256 * 1024
-MAX_KEY_LENGTH = 200
-FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+# The limits of protocol.limits, under the names the agent's callers know.
+MAX_RECORD_BYTES = MAX_CHANGE_BYTES
+MAX_KEY_LENGTH = MAX_KEY_BYTES
+FIELD_NAME = NAME
 OP_FIELD = "_op"
+_PLAIN = frozenset({str, int, bool, type(None), float})
 
 
 @dataclass(frozen=True)
@@ -64,11 +79,12 @@ class RejectedInput(Exception):
 
 
 _valid_names: set[str] = set()
+_valid_collections: set[str] = set()
 
 
 def _valid_name(name: str) -> bool:
     """Field names are checked once per process, not once per record."""
-    if FIELD_NAME.match(name) is None:
+    if field_name_problem(name) is not None:
         return False
     if len(_valid_names) < 10_000:
         _valid_names.add(name)
@@ -89,7 +105,8 @@ def _checked_int(text: str) -> int:
 _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 # 19 digits can already overflow int64 (-9223372036854775809): such input takes the exact parser.
 _LONG_NUMBER = b"0" * 19
-MAX_DEPTH = 32
+#: A record is one level more than its field values (protocol.limits.MAX_VALUE_DEPTH).
+MAX_DEPTH = MAX_VALUE_DEPTH + 1
 
 
 def _refuse_float(text: str) -> float:
@@ -157,16 +174,21 @@ def record_to_write(
     def fail(message: str, rule: str, field: str | None = None, at_key: str | None = None) -> None:
         raise RejectedInput([RecordError(message, rule, line, at_key, field, source)])
 
+    if collection not in _valid_collections:
+        if (problem := collection_problem(collection)) is not None:
+            fail(problem.message, problem.rule)
+        if len(_valid_collections) < 1_000:
+            _valid_collections.add(collection)
     if not isinstance(obj, dict):
         fail("a record must be a JSON object", "record_is_object")
     raw_key = obj.get(key_field, key)
     if isinstance(raw_key, int) and not isinstance(raw_key, bool):
         raw_key = str(raw_key)
-    if not isinstance(raw_key, str) or not raw_key.strip():
-        fail(f"the key field {key_field!r} is missing or empty", "key_required", key_field)
+    if (problem := key_problem(raw_key)) is not None:
+        if problem.rule == "key_required":
+            fail(f"the key field {key_field!r} is missing or empty", problem.rule, key_field)
+        fail(problem.message, problem.rule, key_field)
     assert isinstance(raw_key, str)
-    if len(raw_key) > MAX_KEY_LENGTH:
-        fail(f"key longer than {MAX_KEY_LENGTH} characters", "key_length", key_field)
     if key is not None and raw_key != key:
         fail(
             f"body has {key_field}={raw_key!r} but the URL names {key!r}", "key_matches", key_field
@@ -185,15 +207,17 @@ def record_to_write(
                 name,
                 raw_key,
             )
+        if type(value) not in _PLAIN and (problem := value_problem(name, value)) is not None:
+            fail(problem.message, problem.rule, name, raw_key)
         fields[name] = value
     if op == "delete":
         return Write(collection, raw_key, "delete", {})
-    if size is None:
-        size = len(json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode())
-    if size > MAX_RECORD_BYTES:
-        fail(
-            f"record is {size} bytes, the limit is {MAX_RECORD_BYTES}", "record_size", None, raw_key
-        )
+    # `size` (an NDJSON line's length) bounds the JSON of the fields unless numbers were written
+    # shorter than JSON writes them back ("1e5" is 100000.0): measured exactly when it might not.
+    if size is None or size * 8 > MAX_RECORD_BYTES:
+        problem = size_problem(fields)
+        if problem is not None:
+            fail(problem.message, problem.rule, None, raw_key)
     return Write(collection, raw_key, "upsert", fields)
 
 
