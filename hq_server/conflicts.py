@@ -38,6 +38,7 @@ from protocol.merge import (
     concurrent_fields,
     conflict_transition,
     may_write,
+    value_rank,
 )
 
 
@@ -227,7 +228,10 @@ class Judge:
         self._review_events(state, before_heads, verdict)
         for name, value in change.fields.items():
             old_value, old_stamp = previous[name]
-            won = state.stamps.get(name) == stamp
+            # On a stamp tie (one origin reissued a stamp) the stamp alone does not say who won.
+            won = state.stamps.get(name) == stamp and (
+                old_stamp != stamp or value_rank(state.values[name]) == value_rank(value)
+            )
             policy = rules.policy(name)
             if policy == "source_of_truth" and not writer.hq:
                 # "Creating": the field holds no value here yet (a registration carries its

@@ -6,6 +6,11 @@ stamp. A write to a field wins when its stamp is higher (last writer wins, ties 
 a field whose stamp is not above the tombstone is dead. The state is therefore a pure function of the
 set of changes applied -- any order, any number of repeats gives the same result.
 
+The order of writes is total. One origin should never stamp two writes alike, but a node restored
+from an old backup can; then the value whose canonical encoding (`value_rank`) is higher wins, the
+same on every replica, and costs nothing per field (the values are there to compare). A delete and
+an upsert stamped alike: the delete wins (a field at or below the tombstone is dead).
+
 The policies of the collections config build on that without giving it up:
 
 - `lww`: the visible value is the highest stamp; a concurrent loser is only logged.
@@ -29,6 +34,8 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import msgpack
+
 from protocol.change import Change
 
 Stamp = tuple[int, str]
@@ -50,6 +57,39 @@ class Head(NamedTuple):
     def saw(self, hlc: int) -> bool:
         """True if this write's author had seen the record at or after `hlc`."""
         return self.parent >= hlc
+
+
+def _canonical(value: Any) -> Any:
+    """`value` with every map's entries in key order (by their encoding), so equal values encode
+    alike however they were built."""
+    if isinstance(value, dict):
+        items = [(_canonical(k), _canonical(v)) for k, v in value.items()]
+        items.sort(key=lambda kv: value_rank(kv[0]))
+        return dict(items)
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def value_rank(value: Any) -> bytes:
+    """The tie-break between two values written with the same stamp: their canonical msgpack
+    encoding, compared as bytes (a total order, computed alike on agent and HQ). Only ever
+    computed on a stamp tie."""
+    try:
+        packed: bytes = msgpack.packb(_canonical(value), use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        # Not encodable (e.g. an integer beyond 64 bits): its repr still orders it the same way
+        # everywhere, after every encodable value.
+        packed = b"\xff" + repr(value).encode("utf-8", "backslashreplace")
+    return packed
+
+
+def outranks(stamp: Stamp, value: Any, current: Stamp, current_value: Any) -> bool:
+    """True if a write of `value` at `stamp` beats the field's `current_value` at `current`:
+    the higher stamp, and on a tie the higher `value_rank`."""
+    if stamp != current:
+        return stamp > current
+    return value_rank(value) > value_rank(current_value)
 
 
 @dataclass(slots=True)
@@ -142,7 +182,10 @@ def apply_change(state: RecordState, change: Change, review: Collection[str] = (
         current = state.stamps.get(name, NO_STAMP)
         if name in review:
             _add_head(state, name, Head(change.hlc, change.origin, change.parent, value), current)
-        if stamp > current:
+        # `outranks`, inlined: this runs for every field of every change.
+        if stamp > current or (
+            stamp == current and value_rank(value) > value_rank(state.values.get(name))
+        ):
             if name not in state.values or state.values[name] != value:
                 changed = True
             state.values[name] = value
@@ -158,14 +201,23 @@ def _add_head(state: RecordState, name: str, new: Head, current: Stamp) -> None:
         heads = (
             [Head(current[0], current[1], 0, state.values.get(name))] if current != NO_STAMP else []
         )
-    if any(h.stamp == new.stamp or h.saw(new.hlc) for h in heads):
+    if any(_same_write(h, new) or h.saw(new.hlc) for h in heads):
         if name not in state.heads and heads:
             state.heads[name] = heads
         return  # a re-delivery, or a write some head's author had already seen
+    # Heads stamped alike (one origin reissued a stamp) have seen neither the other: both stay.
     kept = [h for h in heads if not new.saw(h.hlc)]
     kept.append(new)
-    kept.sort(key=lambda h: h.stamp, reverse=True)
+    if len({h.stamp for h in kept}) < len(kept):
+        kept.sort(key=lambda h: (h.stamp, value_rank(h.value)), reverse=True)
+    else:
+        kept.sort(key=lambda h: h.stamp, reverse=True)
     state.heads[name] = kept
+
+
+def _same_write(head: Head, new: Head) -> bool:
+    """A re-delivery of a head: same stamp and same value (by `value_rank`: True is not 1)."""
+    return head.stamp == new.stamp and value_rank(head.value) == value_rank(new.value)
 
 
 def _bury_heads(state: RecordState) -> None:

@@ -37,7 +37,7 @@ async def test_nodes_cannot_write_hqs_reserved_collections(tmp_path: Path) -> No
         )
         before = hq.snapshot()
         response = await hq.post(seal_batch(node, 1, [forged]))
-        assert response.status == 400 and "reserved" in (await response.json())["message"]
+        assert response.status == 422 and "reserved" in (await response.json())["message"]
         assert hq.snapshot() == before
 
 
