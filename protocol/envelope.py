@@ -97,7 +97,12 @@ def _no_timestamps_in_list(items: list[Any]) -> list[Any]:
     return items
 
 
-def _no_timestamps_in_map(items: dict[Any, Any]) -> dict[Any, Any]:
+def _strict_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """Every map decoded: string keys only (strict_map_key lets byte strings through too), and no
+    timestamp extension among the values."""
+    items = dict(pairs)
+    if items and set(map(type, items)) != {str}:
+        raise CorruptMessage("map keys must be strings (a byte-string key is not allowed in v1)")
     if msgpack.Timestamp in set(map(type, items.values())):
         raise CorruptMessage("body: msgpack timestamp extension (-1) is not allowed in v1")
     return items
@@ -117,7 +122,7 @@ def unpackb(data: bytes, what: str) -> Any:
             strict_map_key=True,
             ext_hook=_ext_hook,
             list_hook=_no_timestamps_in_list,
-            object_hook=_no_timestamps_in_map,
+            object_pairs_hook=_strict_map,
         )
     except CorruptMessage:
         raise

@@ -276,13 +276,16 @@ async def test_inconsistent_headers_are_400(tmp_path: Path) -> None:
 
 
 async def test_unstorable_values_are_refused(tmp_path: Path) -> None:
-    """Values JSON cannot carry are a broken rule (422, protocol.limits)."""
+    """Values JSON cannot carry are a broken rule (422, protocol.limits); a map key that is not a
+    string is malformed msgpack for this protocol (400, refused by the decoder)."""
     async with running_hq(tmp_path) as hq:
         node = await hq.enroll()
         base = make_changes(node, 1, 1)[0]
-        for bad in (b"binary", float("nan"), {"nested": float("inf")}, {b"k": 1}):
+        for bad in (b"binary", float("nan"), {"nested": float("inf")}):
             change = replace(base, fields={"x": bad})
             await refused(hq, seal_batch(node, 1, [change]), 422, "invalid_change")
+        change = replace(base, fields={"x": {b"k": 1}})
+        await refused(hq, seal_batch(node, 1, [change]), 400, "corrupt")
         too_late = replace(base, hlc=1 << 63)
         await refused(hq, seal_batch(node, 1, [too_late]), 400, "corrupt")
 

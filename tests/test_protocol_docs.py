@@ -138,3 +138,11 @@ def test_every_known_deviation_names_an_existing_xfail_test() -> None:
     for name in names:
         match = re.search(rf"@pytest\.mark\.xfail\((?:(?!\ndef ).)*?\ndef {name}\(", sources, re.S)
         assert match, f"{name} is not an xfail test in tests/test_protocol_*.py"
+
+
+def test_values_are_json_values_in_7_1() -> None:
+    """The spec once listed byte strings among values, which HQ refuses (issue 9, defect 8)."""
+    text = section("Changes and the columnar body")
+    assert "Byte strings (`bin`), extension types, NaN and infinities are not values" in text
+    assert "byte strings, arrays" not in text
+    assert "byte strings are accepted" not in SPEC.lower()
