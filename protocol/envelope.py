@@ -98,9 +98,12 @@ def _no_timestamps_in_list(items: list[Any]) -> list[Any]:
 
 
 def _strict_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    """Every map decoded: string keys only (strict_map_key lets byte strings through too), and no
-    timestamp extension among the values."""
+    """Every map decoded: string keys only (strict_map_key lets byte strings through too), each
+    once (msgpack keeps the last of a repeated key, another decoder may keep the first: the signed
+    bytes would mean two things), and no timestamp extension among the values."""
     items = dict(pairs)
+    if len(items) != len(pairs):
+        raise CorruptMessage("a map holds the same key twice")
     if items and set(map(type, items)) != {str}:
         raise CorruptMessage("map keys must be strings (a byte-string key is not allowed in v1)")
     if msgpack.Timestamp in set(map(type, items.values())):

@@ -193,9 +193,13 @@ def change_json(change: Change) -> dict[str, Any]:
     }
 
 
-def frame(signer: NodeIdentity, kind: int, header: dict[str, Any], payload: bytes) -> bytes:
+def frame(signer: NodeIdentity, kind: int, header: dict[Any, Any], payload: bytes) -> bytes:
     """The v1 layout written out by hand, so invalid-but-signed vectors can carry any header."""
-    header_bytes = packb(header)
+    return frame_bytes(signer, kind, packb(header), payload)
+
+
+def frame_bytes(signer: NodeIdentity, kind: int, header_bytes: bytes, payload: bytes) -> bytes:
+    """`frame` for header bytes no dict produces (a key twice)."""
     signed = (
         struct.pack(">4sBBH", MAGIC, VERSION, kind, len(header_bytes))
         + header_bytes
@@ -392,6 +396,22 @@ def build() -> tuple[dict[str, bytes], dict[str, Any]]:
         frame(AGENT, Kind.CHANGES, missing, raw),
         "CorruptMessage",
         "header without 'raw'",
+    )
+    # The same header map with one more entry: "seq" again (msgpack's default keeps the last).
+    header_bytes = packb(good)
+    assert header_bytes[0] == 0x80 | len(good)
+    twice = bytes([0x80 | (len(good) + 1)]) + header_bytes[1:] + packb("seq") + packb(8)
+    invalid(
+        "header_duplicate_key",
+        frame_bytes(AGENT, Kind.CHANGES, twice, raw),
+        "CorruptMessage",
+        "signed; header holds the key 'seq' twice (7, then 8)",
+    )
+    invalid(
+        "header_bytes_key",
+        frame(AGENT, Kind.CHANGES, {**good, b"seq": 8}, raw),
+        "CorruptMessage",
+        "signed; header has an extra whose key is the byte string b'seq'",
     )
     not_columnar = packb({"v": 2, "origins": [], "groups": []})
     invalid(

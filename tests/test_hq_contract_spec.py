@@ -6,11 +6,16 @@ Every refusal also proves that HQ's state did not move.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hq_fixtures import Harness, make_changes, running_hq, seal_batch
+from hq_fixtures import Harness, make_changes, raw_header, running_hq, seal_batch
+
+from protocol.change import encode_changes
+from protocol.envelope import MAGIC, VERSION, Kind, packb
+from protocol.identity import NodeIdentity
 
 COLL = "beneficiaries"
 
@@ -69,3 +74,46 @@ async def test_byte_string_map_keys_are_refused_by_the_decoder(tmp_path: Path) -
         nested = [replace(changes[0], fields={"m": {b"k": 1}})]
         await refused(hq, seal_batch(node, 1, nested), 400, "corrupt")
         assert await hq.acked(await hq.post(seal_batch(node, 1, changes))) == 1
+
+
+# --- 3 step 7: a key twice in a map ------------------------------------------------------------
+
+
+def _with_duplicate(header_bytes: bytes, key: str, value: Any) -> bytes:
+    count = header_bytes[0] & 0x0F
+    assert header_bytes[0] == 0x80 | count
+    return bytes([0x80 | (count + 1)]) + header_bytes[1:] + packb(key) + packb(value)
+
+
+async def test_a_header_key_twice_is_refused(tmp_path: Path) -> None:
+    """The header says seq 2, then seq 1: msgpack-python keeps the last and HQ acked it as batch 1,
+    where a decoder keeping the first sees batch 2 (a gap). Now refused, in header and body."""
+    async with running_hq(tmp_path) as hq:
+        node = await hq.enroll()
+        changes = make_changes(node, 1, 1)
+        header = raw_header(node, seq=2, raw=len(packb(encode_changes(changes))), codec=0)
+        twice = _with_duplicate(packb(header), "seq", 1)
+        body = packb(encode_changes(changes))
+        message = await refused(hq, frame_bytes(node, twice, body), 400, "corrupt")
+        assert "same key twice" in message
+        # The same key twice inside a value's map, in the body: refused the same way.
+        valued = [replace(changes[0], fields={"m": {"a": 1}})]
+        body = packb(encode_changes(valued))
+        inner = packb({"a": 1})
+        dup_body = body.replace(inner, _with_duplicate(inner, "a", 2))
+        assert dup_body.count(b"\xa1a") == 2
+        header = raw_header(node, raw=len(dup_body), codec=0)
+        await refused(hq, frame_bytes(node, packb(header), dup_body), 400, "corrupt")
+        assert await hq.acked(await hq.post(seal_batch(node, 1, changes))) == 1
+
+
+def frame_bytes(identity: NodeIdentity, header_bytes: bytes, payload: bytes) -> bytes:
+    signed = b"".join(
+        (
+            struct.pack(">4sBBH", MAGIC, VERSION, Kind.CHANGES, len(header_bytes)),
+            header_bytes,
+            struct.pack(">I", len(payload)),
+            payload,
+        )
+    )
+    return signed + identity.sign(signed)
