@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 from hq_server.logs import event
 from hq_server.routing.config import Route, RoutesConfig
 from hq_server.routing.mapping import Mapped, MappingError
+from hq_server.routing.masking import configured_mask
 from hq_server.routing.state import (
     DeadLetter,
     NewDeadLetter,
@@ -147,6 +149,20 @@ class RouteRunner:
         self.wakeup = asyncio.Event()
         self._resubmit_failures = 0
         self._resubmit_retry_at = 0
+        self._configured_mask = configured_mask(route)
+
+    def mask(self, text: str) -> str:
+        """`text` with every form of the route's secrets masked: those in its configuration and
+        those the sink learnt since (access tokens, a rotated password). Every error text the
+        router logs or stores passes here."""
+        text = self._configured_mask(text)
+        sink_mask = getattr(self.sink, "mask", None)
+        return sink_mask(text) if callable(sink_mask) else text
+
+    def _error_log(self, message: str, *args: Any) -> None:
+        """log.exception, with the traceback masked (exceptions may quote what was sent)."""
+        trace = self.mask(traceback.format_exc())
+        log.error(message + "\n%s", *args, trace)
 
     # -- backoff
 
@@ -217,6 +233,7 @@ class RouteRunner:
         last_error: str | None = None,
     ) -> None:
         """Store the route's position after a run, with its dead letters and target records."""
+        dead = [replace(d, error=self.mask(d.error)) for d in dead]
         await self.store.save(
             replace(
                 state,
@@ -225,7 +242,7 @@ class RouteRunner:
                 attempts=attempts,
                 failures=failures,
                 next_attempt_at=next_attempt_at,
-                last_error=last_error,
+                last_error=None if last_error is None else self.mask(last_error),
                 delivered=state.delivered + delivered,
                 dead_lettered=state.dead_lettered + len(dead),
                 last_delivery_at=now if delivered else state.last_delivery_at,
@@ -316,7 +333,7 @@ class RouteRunner:
             " (dead-lettered: attempts spent)"
             if exhausted
             else f" (retry in {(next_at - now) / 1000:.1f} s)",
-            outcome.detail,
+            self.mask(outcome.detail),
         )
         await self._save(
             state,
@@ -336,8 +353,8 @@ class RouteRunner:
         try:
             outcomes = await self.sink.send(items)
         except Exception as e:  # a sink bug: treat as a transient failure of the whole run
-            log.exception("route %s: sink %s raised", self.route.name, self.sink.kind)
-            outcomes = [Outcome.errored(f"sink raised {type(e).__name__}: {e}")]
+            self._error_log("route %s: sink %s raised", self.route.name, self.sink.kind)
+            outcomes = [Outcome.errored(self.mask(f"sink raised {type(e).__name__}: {e}"))]
         if len(outcomes) != len(items):
             if outcomes and outcomes[0].status is Delivery.ERRORED:
                 first = outcomes[0]
@@ -378,14 +395,14 @@ class RouteRunner:
                     "route %s: resubmitted dead letter %d errored: %s",
                     self.route.name,
                     letter.id,
-                    outcome.detail,
+                    self.mask(outcome.detail),
                 )
                 return progressed
             self._resubmit_failures = 0
             await self.store.finish_resubmit(
                 letter.id,
                 delivered=outcome.status is Delivery.DELIVERED,
-                error=outcome.detail,
+                error=self.mask(outcome.detail),
                 now_ms=self._wall(),
                 targets_added=targets.added,
                 targets_removed=targets.removed,
@@ -444,16 +461,17 @@ class RouteRunner:
             except Exception as e:
                 failures += 1
                 delay = self._delay_ms(failures) / 1000
+                reason = self.mask(str(e))
                 log.warning(
                     "route %s: cannot open sink %s (retry in %.1f s): %s",
                     self.route.name,
                     self.sink.kind,
                     delay,
-                    e,
+                    reason,
                 )
                 with contextlib.suppress(Exception):
                     state = await self.store.state(self.route.name)
-                    await self.store.save(replace(state, last_error=f"cannot open sink: {e}"))
+                    await self.store.save(replace(state, last_error=f"cannot open sink: {reason}"))
                 await _wait(stop, delay)
         return False
 
@@ -466,7 +484,7 @@ class RouteRunner:
                 try:
                     await self._loop(stop)
                 except Exception:
-                    log.exception("route %s: routing loop failed; restarting it", self.route.name)
+                    self._error_log("route %s: routing loop failed; restarting it", self.route.name)
                     await _wait(stop, 5.0)
         finally:
             with contextlib.suppress(Exception):
@@ -554,7 +572,8 @@ class Router:
             try:
                 sink = route.sink_type.factory(route.sink_settings)
             except Exception as e:
-                raise RouteSetupError(f"route {route.name}: {e}") from e
+                reason = configured_mask(route)(str(e))
+                raise RouteSetupError(f"route {route.name}: {reason}") from e
             self.runners[route.name] = RouteRunner(route, store, sink, wall=wall)
 
     def notify(self) -> None:

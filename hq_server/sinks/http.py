@@ -42,7 +42,7 @@ import yarl
 
 from hq_server.sinks.base import Outcome
 from hq_server.sinks.plaintext import Plaintext, is_loopback
-from hq_server.sinks.secrets import Secret
+from hq_server.sinks.secrets import Secret, SecretMask
 from protocol.config import ConfigError
 
 USER_AGENT = "fieldsync-hq"
@@ -136,12 +136,9 @@ def json_body(document: Any) -> bytes:
 
 
 def redact(text: str, secrets: Iterable[Secret | str | None]) -> str:
-    """`text` with every secret value replaced by ***: answers sometimes echo what was sent."""
-    for secret in secrets:
-        value = secret.value if isinstance(secret, Secret) else secret
-        if value and len(value) >= 4:  # shorter values would blank out ordinary words
-            text = text.replace(value, "***")
-    return text
+    """`text` with every form of every secret replaced by *** (see `SecretMask`): answers
+    sometimes echo what was sent."""
+    return SecretMask(secrets)(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,12 +182,13 @@ class HttpClient:
     def __init__(self, *, timeout_s: float, ca_bundle: Path | None, secrets: Iterable[Secret]):
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._ca_bundle = ca_bundle
-        self._secrets = tuple(secrets)
+        self.mask = SecretMask(secrets)
         self._session: aiohttp.ClientSession | None = None
 
-    def add_secret(self, secret: Secret) -> None:
-        """Also redact `secret` (e.g. an access token obtained later) from answer snippets."""
-        self._secrets = (*self._secrets[-15:], secret)
+    def add_secret(self, secret: Secret, *, user: str | None = None) -> None:
+        """Also mask `secret` (e.g. an access token obtained later; with `user`, its HTTP Basic
+        form) in answer snippets and error texts."""
+        self.mask.add(secret, user=user)
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -230,7 +228,7 @@ class HttpClient:
             ) as response:
                 body = await response.content.read(_READ_LIMIT)
                 text = body.decode("utf-8", errors="replace")
-                snippet = " ".join(redact(text, self._secrets).split())[:SNIPPET_CHARS]
+                snippet = self.mask(" ".join(self.mask(text).split()))[:SNIPPET_CHARS]
                 return Answer(response.status, snippet), body
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise TransportError(self._describe(e)) from e
@@ -241,4 +239,4 @@ class HttpClient:
         if isinstance(error, TimeoutError) and not str(error):
             return f"timed out after {self._timeout.total:g} s"
         text = str(error) or type(error).__name__
-        return redact(f"{type(error).__name__}: {text}", self._secrets)
+        return self.mask(f"{type(error).__name__}: {text}")

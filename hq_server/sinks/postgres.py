@@ -92,7 +92,7 @@ from hq_server.logs import event
 from hq_server.sinks.base import NOT_ATTEMPTED, Delivery, Outcome, Outgoing, register_sink
 from hq_server.sinks.http import required_setting, settings_error
 from hq_server.sinks.plaintext import Plaintext, remote_hosts
-from hq_server.sinks.secrets import SecretError, resolve_secret
+from hq_server.sinks.secrets import SecretError, SecretMask, resolve_secret
 from protocol.config import at_least, between, positive, setting
 
 log = logging.getLogger("fieldsync.sinks.postgres")
@@ -337,6 +337,8 @@ class PostgresSink:
         self.settings = settings
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
+        # every form of each password read (a rotated file adds the new one), for the router
+        self.mask = SecretMask()
         s = settings
         table = quote_table(s.table)
         key, seq = quote_identifier(s.key_column), quote_identifier(s.change_seq_column)
@@ -384,7 +386,10 @@ class PostgresSink:
         """Called by asyncpg at each new connection: a rotated password file is picked up."""
         s = self.settings
         secret = resolve_secret(f"postgres sink {s.table}", s.password_env, s.password_file)
-        return None if secret is None else secret.value
+        if secret is None:
+            return None
+        self.mask.add(secret, user=s.user)
+        return secret.value
 
     async def open(self) -> None:
         """Check the credentials' source (SecretError if misconfigured) and create the pool. Does

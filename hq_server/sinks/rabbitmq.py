@@ -54,9 +54,9 @@ import orjson
 
 from hq_server.logs import event
 from hq_server.sinks.base import NOT_ATTEMPTED, Delivery, Outcome, Outgoing, register_sink
-from hq_server.sinks.http import exactly_one_secret, redact, required_setting, settings_error
+from hq_server.sinks.http import exactly_one_secret, required_setting, settings_error
 from hq_server.sinks.plaintext import Plaintext, is_loopback
-from hq_server.sinks.secrets import SecretError, resolve_secret
+from hq_server.sinks.secrets import SecretError, SecretMask, resolve_secret
 from protocol.config import at_least, between, positive, setting
 
 log = logging.getLogger("fieldsync.sinks.rabbitmq")
@@ -228,6 +228,8 @@ class RabbitMQSink:
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
+        # every form of each password read (a rotated file adds the new one), for the router
+        self.mask = SecretMask()
 
     def __repr__(self) -> str:
         s = self.settings
@@ -247,7 +249,10 @@ class RabbitMQSink:
     def _password(self) -> str:
         s = self.settings
         secret = resolve_secret(f"rabbitmq sink {s.exchange!r}", s.password_env, s.password_file)
-        return "" if secret is None else secret.value
+        if secret is None:
+            return ""
+        self.mask.add(secret, user=s.user)
+        return secret.value
 
     async def open(self) -> None:
         """Check the credentials' source (SecretError if misconfigured) and try to connect; a
@@ -324,7 +329,7 @@ class RabbitMQSink:
                     f"{s.exchange_type} ({_describe(e)})"
                 )
             # aio-pika builds a URL holding the password: keep it out of whatever an error quotes
-            raise _ConnectFailed(redact(detail, [password])) from e
+            raise _ConnectFailed(self.mask(detail)) from e
         event(log, logging.INFO, "rabbitmq sink: connected", **self._fields())
         return self._exchange
 

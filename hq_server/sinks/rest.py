@@ -63,7 +63,7 @@ from hq_server.sinks.http import (
     settings_error,
 )
 from hq_server.sinks.plaintext import Plaintext
-from hq_server.sinks.secrets import Secret, SecretError, resolve_secret
+from hq_server.sinks.secrets import Secret, SecretError, SecretMask, resolve_secret
 from protocol.config import positive, setting
 
 log = logging.getLogger("fieldsync.sinks.rest")
@@ -358,8 +358,13 @@ class RestSink:
             )
             if client_secret is None:
                 raise ValueError("OAuth 2.0 client secret is not configured")
-            self._http.add_secret(client_secret)
+            self._http.add_secret(client_secret, user=settings.client_id)
             self._oauth = ClientCredentials(self._http, settings, client_secret, clock)
+
+    @property
+    def mask(self) -> SecretMask:
+        """Every form of this route's API key, client secret and access tokens (for the router)."""
+        return self._http.mask
 
     def __repr__(self) -> str:
         target = self.settings.url_template or self.settings.collection_url

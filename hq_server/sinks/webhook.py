@@ -65,7 +65,7 @@ from hq_server.sinks.http import (
     required_setting,
 )
 from hq_server.sinks.plaintext import Plaintext
-from hq_server.sinks.secrets import Secret, resolve_secret
+from hq_server.sinks.secrets import Secret, SecretMask, resolve_secret
 from protocol.config import positive, setting
 
 log = logging.getLogger("fieldsync.sinks.webhook")
@@ -174,6 +174,11 @@ class WebhookSink:
         self._http = HttpClient(
             timeout_s=settings.timeout_s, ca_bundle=settings.ca_bundle, secrets=(secret,)
         )
+
+    @property
+    def mask(self) -> SecretMask:
+        """Every form of the signing secret (for the router)."""
+        return self._http.mask
 
     def __repr__(self) -> str:
         return f"WebhookSink(url={str(self._url)!r})"
