@@ -23,8 +23,10 @@ async def authenticate(
 ) -> tuple[Node, int]:
     """The enrolled, active node that signed this request, and its clock offset in ms.
 
-    BadSignature (401) for missing or wrong signature headers, UnknownNode (403) for an unknown or
-    revoked node, ClockDrift (400) for a request time outside the replay window.
+    BadSignature (401) for a missing signature header or a signature that does not verify,
+    CorruptMessage (400) for a malformed one (a time not in canonical decimal, a signature not
+    base64 of 64 bytes), UnknownNode (403) for an unknown or revoked node, ClockDrift (400) for
+    a request time outside the replay window (docs/protocol.md 9.2).
     """
     signed = parse_signed_request(headers)
     node = await store.get_node(signed.node_id)

@@ -13,11 +13,12 @@ Both sides import this module, so a path or a header name is written once.
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from protocol.errors import BadSignature, ClockDrift, CorruptMessage
-from protocol.identity import NodeIdentity, verify
+from protocol.identity import SIGNATURE_BYTES, NodeIdentity, verify
 
 BATCHES_PATH = "/v1/batches"
 CHANGES_PATH = "/v1/changes"
@@ -27,6 +28,8 @@ HEADER_NODE = "X-Fieldsync-Node"
 HEADER_TIME = "X-Fieldsync-Time"
 HEADER_SIGNATURE = "X-Fieldsync-Signature"
 REQUEST_WINDOW_MS = 15 * 60 * 1000
+# The request time exactly as sign_request writes it: str() of a non-negative int64.
+_CANONICAL_TIME = re.compile(r"0|[1-9][0-9]{0,18}")
 
 
 def b64(data: bytes) -> str:
@@ -62,18 +65,29 @@ class SignedRequest:
 
 
 def parse_signed_request(headers: Any) -> SignedRequest:
-    try:
-        node_id = headers[HEADER_NODE]
-        time_text = headers[HEADER_TIME]
-        if not time_text.isdigit():
-            raise ValueError("time must be decimal digits")
-        time_ms = int(time_text)
-        signature = base64.b64decode(headers[HEADER_SIGNATURE].encode("ascii"), validate=True)
-    except (KeyError, ValueError, UnicodeEncodeError) as e:
+    """The three signature headers, parsed. A missing one is BadSignature (401: the request is not
+    authenticated); one that is present but malformed is CorruptMessage (400: a malformed
+    request): a time that is not canonical decimal (ASCII digits, no sign, no leading zero, at
+    most 19 digits), a signature that is not base64 of exactly SIGNATURE_BYTES bytes."""
+    missing = [h for h in (HEADER_NODE, HEADER_TIME, HEADER_SIGNATURE) if h not in headers]
+    if missing:
         raise BadSignature(
-            f"request must carry {HEADER_NODE}, {HEADER_TIME} and {HEADER_SIGNATURE} headers"
-        ) from e
-    return SignedRequest(node_id, time_ms, signature)
+            f"request must carry {HEADER_NODE}, {HEADER_TIME} and {HEADER_SIGNATURE} headers "
+            f"(missing: {', '.join(missing)})"
+        )
+    time_text = headers[HEADER_TIME]
+    if _CANONICAL_TIME.fullmatch(time_text) is None:
+        raise CorruptMessage(
+            f"{HEADER_TIME} must be milliseconds since the epoch in canonical decimal "
+            "(ASCII digits, no sign, no leading zero, at most 19 digits)"
+        )
+    signature = unb64(headers[HEADER_SIGNATURE], HEADER_SIGNATURE)
+    if len(signature) != SIGNATURE_BYTES:
+        raise CorruptMessage(
+            f"{HEADER_SIGNATURE} must be base64 of a {SIGNATURE_BYTES}-byte Ed25519 signature, "
+            f"got {len(signature)} bytes"
+        )
+    return SignedRequest(headers[HEADER_NODE], int(time_text), signature)
 
 
 def verify_request(

@@ -15,7 +15,15 @@ from hq_fixtures import Harness, make_changes, raw_header, running_hq, seal_batc
 
 from protocol.change import encode_changes
 from protocol.envelope import MAGIC, VERSION, Kind, packb
+from protocol.hlc import system_ms
 from protocol.identity import NodeIdentity
+from protocol.transport import (
+    HEADER_SIGNATURE,
+    HEADER_TIME,
+    REQUEST_WINDOW_MS,
+    b64,
+    sign_request,
+)
 
 COLL = "beneficiaries"
 
@@ -117,3 +125,50 @@ def frame_bytes(identity: NodeIdentity, header_bytes: bytes, payload: bytes) -> 
         )
     )
     return signed + identity.sign(signed)
+
+
+# --- 9.2: signed request headers ---------------------------------------------------------------
+
+
+async def _get_changes(hq: Harness, headers: dict[str, str]) -> tuple[int, str]:
+    before = hq.snapshot()
+    response = await hq.client.get(FEED, headers=headers)
+    body = await response.json() if response.status != 200 else {"error": "ok"}
+    if response.status != 200:
+        assert hq.snapshot() == before
+    return response.status, body["error"]
+
+
+FEED = "/v1/changes?cursor=0&limit=10"
+
+
+async def test_signed_request_headers_parse_as_the_spec_says(tmp_path: Path) -> None:
+    """Malformed headers are 400 (a malformed request), a missing one or a wrong signature 401.
+    Before: a signature that was not base64 answered 401, and a time with a leading zero that
+    still parsed was accepted."""
+    async with running_hq(tmp_path) as hq:
+        node = await hq.enroll()
+        now = system_ms()
+        good = sign_request(node, "GET", FEED, now)
+        assert await _get_changes(hq, good) == (200, "ok")
+        cases: list[tuple[dict[str, str], int, str]] = [
+            ({**good, HEADER_SIGNATURE: "not base64!"}, 400, "corrupt"),
+            ({**good, HEADER_SIGNATURE: good[HEADER_SIGNATURE].rstrip("=")}, 400, "corrupt"),
+            ({**good, HEADER_SIGNATURE: b64(bytes(10))}, 400, "corrupt"),
+            ({**good, HEADER_TIME: "0" + good[HEADER_TIME]}, 400, "corrupt"),
+            ({**good, HEADER_TIME: "+" + good[HEADER_TIME]}, 400, "corrupt"),
+            (
+                {**good, HEADER_TIME: good[HEADER_TIME][:3] + "_" + good[HEADER_TIME][3:]},
+                400,
+                "corrupt",
+            ),
+            ({**good, HEADER_TIME: "1e12"}, 400, "corrupt"),
+            ({**good, HEADER_TIME: "²"}, 400, "corrupt"),
+            ({k: v for k, v in good.items() if k != HEADER_SIGNATURE}, 401, "bad_signature"),
+            ({k: v for k, v in good.items() if k != HEADER_TIME}, 401, "bad_signature"),
+            ({**good, HEADER_SIGNATURE: b64(bytes(64))}, 401, "bad_signature"),
+            (sign_request(node, "GET", FEED, now + REQUEST_WINDOW_MS + 1000), 400, "clock_drift"),
+            (sign_request(NodeIdentity.generate(), "GET", FEED, now), 403, "unknown_node"),
+        ]
+        for headers, status, error in cases:
+            assert await _get_changes(hq, headers) == (status, error), headers
