@@ -208,6 +208,9 @@ def status(config: AgentConfig, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    # What an operator must see first (disk full, an HQ refusal), one line each.
+    for warning in info.get("warnings") or ():
+        click.echo(f"WARNING: {warning}")
     labels = {
         "node_id": "node",
         "backlog_changes": "changes waiting",
@@ -217,9 +220,12 @@ def status(config: AgentConfig, as_json: bool) -> None:
         "last_contact": "last contact",
         "last_error": "last error",
         "hq_clock_offset_ms": "HQ clock offset (ms)",
+        "restore_recoveries": "restore recoveries",
+        "last_recovery": "last recovery",
     }
     for key, label in labels.items():
-        click.echo(f"{label:>22}: {info[key] if info[key] is not None else '-'}")
+        value = info.get(key)
+        click.echo(f"{label:>22}: {value if value is not None else '-'}")
 
 
 @main.command()

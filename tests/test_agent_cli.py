@@ -6,6 +6,7 @@ never a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -19,6 +20,8 @@ from agent_fixtures import KEY_FIELD, beneficiary, read_ndjson
 from click.testing import CliRunner, Result
 
 from agent.cli import main
+from agent.config import load_agent_config
+from agent.service import open_agent
 from protocol.identity import NodeIdentity
 
 CONFIG = """\
@@ -315,3 +318,17 @@ def test_list_usage_errors_are_one_line(
     result = cli(initialised, "list", *args)
     assert result.exit_code != 0
     assert needle in result.stderr
+
+
+def test_status_shows_warnings_first_and_the_last_recovery(initialised: Path) -> None:
+    """An HQ refusal (and a full disk) must be the first thing an operator reads."""
+
+    async def refuse() -> None:
+        async with open_agent(load_agent_config(initialised)) as agent:
+            note = {"message": "HQ refused batch 6: diverged", "at_ms": 1_700_000_000_000}
+            await agent.store.set_meta(hq_refusal=json.dumps(note))
+
+    asyncio.run(refuse())
+    human = ok(initialised, "status").splitlines()
+    assert human[0].startswith("WARNING: HQ refused batch 6: diverged")
+    assert any("restore recoveries: 0" in line for line in human)
