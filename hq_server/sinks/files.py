@@ -40,6 +40,15 @@ collection, op, key, change_seq`, then the configured `columns` from the record.
 written as they are, null as an empty cell, everything else (numbers, booleans, objects, lists) as
 JSON text. Record fields not in `columns` are not written.
 
+Spreadsheet formula injection (OWASP "CSV Injection"): a spreadsheet opening the file runs a cell
+that starts with `=`, `+`, `-` or `@` as a formula (`=HYPERLINK(...)`, `=cmd|...`), and records come
+from field offices, so by default a text cell (the key included) that starts with one of those, a
+tab, a carriage return, a line feed or NUL -- or with one of the four after leading whitespace --
+is written with a single quote in front (`'=1+1`), which spreadsheets show as the text itself.
+Numbers, booleans, objects and lists (JSON text) are never changed: they cannot start a formula.
+Separators and quotes inside cells are quoted by RFC 4180, so no cell can start in mid-value.
+`csv_escape_formulas = false` writes text exactly as it is, for consumers that are programs only.
+
 Delivery outcomes: an I/O error (disk full, permission denied, directory missing, another process
 holding the lock) is ERRORED as "target down" (`Outcome.unavailable`: it is never the record's
 fault, so it spends no retry budget) with the reason, and whatever part of the run was not yet
@@ -142,6 +151,13 @@ class FilesSettings:
     file_mode: int = setting(
         0o640, "Permissions of the files written, e.g. 0o600 or 0o640.", _file_mode
     )
+    csv_escape_formulas: bool = setting(
+        True,
+        "CSV only: write a text cell that a spreadsheet would run as a formula (starting with "
+        "=, +, -, @, tab, CR, LF or NUL, or =, +, -, @ after leading spaces) with a single quote in "
+        "front, per OWASP's CSV-injection guidance. false: text exactly as it is (for consumers "
+        "that are programs only).",
+    )
 
     def __post_init__(self) -> None:
         # build() checks keys one at a time; combinations can only be checked here.
@@ -204,12 +220,25 @@ def jsonl_line(item: Outgoing) -> bytes:
     return (_json_text(document) + "\n").encode("utf-8")
 
 
-def _csv_cell(value: Any) -> str:
+FORMULA_TRIGGERS = ("=", "+", "-", "@")
+_FORMULA_FIRST = (*FORMULA_TRIGGERS, "\t", "\r", "\n", "\0")
+
+
+def escape_formula(text: str) -> str:
+    """`text` with a leading single quote if a spreadsheet would treat it as a formula (OWASP
+    CSV Injection): it starts with =, +, -, @, tab, CR, LF or NUL, or with =, +, -, @ after
+    leading whitespace."""
+    if text.startswith(_FORMULA_FIRST) or text.lstrip().startswith(FORMULA_TRIGGERS):
+        return "'" + text
+    return text
+
+
+def _csv_cell(value: Any, escape: bool = True) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
-        return value
-    return _json_text(value)
+        return escape_formula(value) if escape else value
+    return _json_text(value)  # numbers, booleans, objects, lists: never a formula
 
 
 def _csv_record(cells: Iterable[str]) -> bytes:
@@ -218,17 +247,19 @@ def _csv_record(cells: Iterable[str]) -> bytes:
     return out.getvalue().encode("utf-8")
 
 
-def csv_row(item: Outgoing, columns: Sequence[str]) -> bytes:
-    """One CSV record for `item` (ValueError/TypeError if a value is not JSON)."""
+def csv_row(item: Outgoing, columns: Sequence[str], *, escape_formulas: bool = True) -> bytes:
+    """One CSV record for `item` (ValueError/TypeError if a value is not JSON); text that a
+    spreadsheet would run as a formula is escaped unless `escape_formulas` is false."""
     fixed = [
         item.idempotency_key,
         item.route,
         item.collection,
         item.op,
-        item.target_key,
+        _csv_cell(item.target_key, escape_formulas),  # keys come from the field too
         str(item.change_seq),
     ]
-    return _csv_record([*fixed, *(_csv_cell(item.payload.get(c)) for c in columns)])
+    cells = (_csv_cell(item.payload.get(c), escape_formulas) for c in columns)
+    return _csv_record([*fixed, *cells])
 
 
 @dataclass
@@ -323,7 +354,9 @@ class _Writer:
     def _encode(self, item: Outgoing) -> bytes:
         if self.ext == "jsonl":
             return jsonl_line(item)
-        return csv_row(item, self.settings.columns)
+        return csv_row(
+            item, self.settings.columns, escape_formulas=self.settings.csv_escape_formulas
+        )
 
     def _commit(
         self, items: Sequence[Outgoing], pending: list[int], outcomes: list[Outcome | None]
