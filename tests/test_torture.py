@@ -14,8 +14,12 @@ import random
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
+import aiohttp
 import pytest
 from torture_lib.checker import (
     Delivery,
@@ -29,6 +33,7 @@ from torture_lib.checker import (
 from torture_lib.history import History, Outcome, Write
 from torture_lib.nemesis import plan_cycle
 from torture_lib.proxy import TortureProxy
+from torture_lib.workload import Writer, tracing
 
 REPO = Path(__file__).resolve().parent.parent
 NODE = "n-agent-1"
@@ -239,6 +244,40 @@ async def test_proxy_passes_truncates_and_resets() -> None:
         await proxy.stop()
         server.close()
         await server.wait_closed()
+
+
+async def test_writer_counts_a_resent_write_as_indeterminate() -> None:
+    """aiohttp resends a PUT or DELETE once after a dropped connection, and the agent may have
+    stored the first copy: an error answer to the second copy must not count as "refused"."""
+    seen: list[bytes] = []
+
+    async def drop_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.read(65536))
+        if len(seen) == 1:
+            writer.transport.abort()  # "stored", then killed before it could answer
+            return
+        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(drop_first, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    agent = SimpleNamespace(name="a1", api=f"http://127.0.0.1:{port}", headers=lambda: {})
+    history = History()
+    connector = aiohttp.TCPConnector(force_close=True)
+    try:
+        async with aiohttp.ClientSession(connector=connector, trace_configs=[tracing()]) as session:
+            writer = Writer(
+                cast(Any, agent), 0, history, random.Random(1), session, Counter(), pause_s=0
+            )
+            writer.present.add("a1-0-000000")
+            await writer.delete()
+    finally:
+        server.close()
+        await server.wait_closed()
+    (write,) = history.writes
+    assert len(seen) == 2, "aiohttp no longer resends: keep the safeguard anyway"
+    assert write.outcome == "indeterminate", write
 
 
 def _torture(cycles: int, seed: int, cycle_s: float, timeout_s: float) -> str:

@@ -38,7 +38,7 @@ from torture_lib.history import OUTCOMES, History
 from torture_lib.nemesis import KIND_WEIGHTS, Fault, plan_cycle, sleep_until
 from torture_lib.proxy import TortureProxy
 from torture_lib.receiver import Receiver
-from torture_lib.workload import Writer
+from torture_lib.workload import Writer, no_resend, tracing
 
 AGENTS = ("a1", "a2")
 WRITERS_PER_AGENT = 2
@@ -315,7 +315,8 @@ async def torture(args: argparse.Namespace, root: Path) -> int:
     stop_watch = asyncio.Event()
     background: list[asyncio.Task[None]] = []
     connector = aiohttp.TCPConnector(force_close=True, limit=64)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, trace_configs=[tracing()]) as session:
+        no_resend(session)
         t.session = session
         try:
             await t.setup()

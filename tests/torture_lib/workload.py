@@ -8,7 +8,10 @@ posts (new keys and updates), with short seeded pauses. How an answer is classif
     2xx                           acked (the seq the agent answered is kept)
     4xx, 503, 507                 refused: the agent says nothing was stored
     other 5xx                     indeterminate
-    connection refused            refused: the request was never sent
+    connection refused            refused: the request was never sent -- unless aiohttp had
+                                  already sent it once: it retries PUT and DELETE by itself after
+                                  a dropped connection (RFC 9112 9.3.1), so a request that needed
+                                  a second connection is indeterminate whatever its end
     dropped connection            indeterminate (the agent died while it had the request)
     our timeout                   late: the agent may still store it, even after later writes
 """
@@ -19,6 +22,7 @@ import asyncio
 import json
 import random
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -29,6 +33,25 @@ from torture_lib.history import History, Outcome, Write
 REQUEST_TIMEOUT_S = 20.0
 REFUSED_STATUSES = frozenset({503, 507})
 _WORDS = ("water", "seed", "clinic", "school", "voucher", "harvest", "river", "market", "kit")
+
+
+async def _count_connect(_: Any, context: SimpleNamespace, __: Any) -> None:
+    if isinstance(attempt := context.trace_request_ctx, SimpleNamespace):
+        attempt.connects += 1
+
+
+def tracing() -> aiohttp.TraceConfig:
+    """Counts the connections each request opened (more than one: aiohttp resent it)."""
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_start.append(_count_connect)
+    return trace
+
+
+def no_resend(session: aiohttp.ClientSession) -> None:
+    """Ask aiohttp not to resend a PUT or DELETE after a dropped connection (a private switch,
+    the one aiohttp's own test client uses; the connection count above stays the safeguard)."""
+    if hasattr(session, "_retry_connection"):
+        session._retry_connection = False
 
 
 def classify(status: int) -> Outcome:
@@ -143,6 +166,7 @@ class Writer:
         outcome: Outcome
         answer: dict[str, Any] | None = None
         status: int | None = None
+        attempt = SimpleNamespace(connects=0)
         try:
             async with self.session.request(
                 method,
@@ -150,17 +174,24 @@ class Writer:
                 data=body,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+                trace_request_ctx=attempt,
             ) as response:
                 status = response.status
                 text = await response.read()
             outcome = classify(status)
             reason = f"HTTP {status}"
+            if outcome == "refused" and attempt.connects > 1:
+                # e.g. a resent DELETE answered 404 because the first one deleted the record
+                outcome, reason = "indeterminate", f"resent, then HTTP {status}"
             if outcome == "acked":
                 answer = json.loads(text)
             else:
                 reason += f": {text[:200].decode(errors='replace')}"
         except aiohttp.ClientConnectorError:
-            outcome, reason = "refused", "connection refused"  # nothing was sent
+            if attempt.connects > 1:  # refused the second time: the first may have landed
+                outcome, reason = "indeterminate", "resent, then connection refused"
+            else:
+                outcome, reason = "refused", "connection refused"  # nothing was sent
         except TimeoutError:
             outcome, reason = "late", "timed out"
         except (aiohttp.ClientError, OSError) as e:
