@@ -5,9 +5,11 @@ Both sides import this module, so a path or a header name is written once.
 - `POST /v1/batches`   body: a sealed CHANGES message. 200 + sealed ACK; 409 + JSON
   {"error": "gap", "expected": N} on a sequence gap; 4xx + JSON {"error": code, "message": ...}.
 - `GET /v1/changes?cursor=N&limit=M`  signed request (headers below). 200 + sealed FEED signed by HQ,
-  header extras {"cursor": next cursor, "more": bool}.
-- `POST /v1/enroll`    JSON {"token", "public_key" (base64), "name"} -> JSON {"node_id",
-  "hq_node_id", "hq_public_key" (base64), "hq_time"}.
+  header extras {"cursor": next cursor, "more": bool, "groups": [str]}.
+- `POST /v1/enroll`    JSON {"token", "public_key" (base64), "name"} -> JSON {"node_id", "name",
+  "hq_node_id", "hq_public_key" (base64), "hq_time" (HQ's wall clock, ms), "groups"}.
+
+docs/protocol.md section 9 is the full contract (answers, error codes, the order of checks).
 """
 
 from __future__ import annotations

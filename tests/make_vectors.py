@@ -286,13 +286,13 @@ def build() -> tuple[dict[str, bytes], dict[str, Any]]:
         "hq",
         Kind.FEED,
         encode_changes(feed),
-        "FEED page signed by HQ: header extras cursor/more, two origins, a delete, a null, "
-        "absent fields, codec NONE",
+        "FEED page signed by HQ: header extras cursor/more/groups as HQ sends them, two "
+        "origins, a delete, a null, absent fields, codec NONE",
         codec=Codec.NONE,
         changes=feed,
         count=len(feed),
         time=pack(T0 + 12_500, 0),
-        extra={"cursor": 1234, "more": True},
+        extra={"cursor": 1234, "more": True, "groups": ["group:north"]},
     )
 
     def invalid(name: str, data: bytes, error: str, description: str, stage: str = "open") -> None:

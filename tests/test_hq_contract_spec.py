@@ -13,7 +13,7 @@ from typing import Any
 
 from hq_fixtures import Harness, make_changes, raw_header, running_hq, seal_batch
 
-from protocol.change import encode_changes
+from protocol.change import decode_changes, encode_changes
 from protocol.envelope import MAGIC, VERSION, Kind, packb
 from protocol.hlc import system_ms
 from protocol.identity import NodeIdentity
@@ -172,3 +172,100 @@ async def test_signed_request_headers_parse_as_the_spec_says(tmp_path: Path) -> 
         ]
         for headers, status, error in cases:
             assert await _get_changes(hq, headers) == (status, error), headers
+
+
+# --- 9.4 and 2.1: the feed's cursor and limit, the feed and ack headers ------------------------
+
+
+async def _page(hq: Harness, node: NodeIdentity, query: str) -> tuple[int, Any]:
+    path = f"/v1/changes?{query}"
+    response = await hq.client.get(path, headers=sign_request(node, "GET", path, system_ms()))
+    if response.status != 200:
+        return response.status, (await response.json())["error"]
+    return 200, hq.open_from_hq(await response.read())
+
+
+async def test_feed_cursor_and_limit_semantics(tmp_path: Path) -> None:
+    async with running_hq(tmp_path, feed_page_size=3) as hq:
+        a, b = await hq.enroll(name="a"), await hq.enroll(name="b")
+        await hq.post(seal_batch(a, 1, make_changes(a, 1, 2, key_prefix="a")))  # log 1..2
+        await hq.post(seal_batch(b, 1, make_changes(b, 1, 5, key_prefix="b")))  # log 3..7
+        await hq.post(seal_batch(a, 2, make_changes(a, 3, 1, key_prefix="a", key_offset=2)))  # 8
+        # limit caps the page; `cursor` is the log sequence of its last change; `more` is true.
+        status, page = await _page(hq, a, "cursor=0&limit=2")
+        assert status == 200 and page.header["count"] == 2
+        assert (page.header["cursor"], page.header["more"]) == (4, True)
+        # A limit above hq.feed_page_size is cut to it; the cursor is exclusive; the node's own
+        # trailing change (log 8) is skipped and the cursor moves past it.
+        status, page = await _page(hq, a, "cursor=4&limit=1000")
+        assert [c.key for c in decode_changes(page.body)] == ["b2", "b3", "b4"]
+        assert (page.header["cursor"], page.header["more"]) == (8, False)
+        status, page = await _page(hq, b, "cursor=0&limit=1000")
+        assert [c.key for c in decode_changes(page.body)] == ["a0", "a1", "a2"]
+        assert (page.header["cursor"], page.header["more"]) == (8, False)
+        status, page = await _page(hq, a, "cursor=8")
+        assert (page.header["count"], page.header["cursor"], page.header["more"]) == (0, 8, False)
+        # A cursor beyond the log comes back unchanged, with an empty page.
+        status, page = await _page(hq, a, "cursor=99")
+        assert (page.header["count"], page.header["cursor"], page.header["more"]) == (0, 99, False)
+        for query in ("limit=0", "limit=-1", "limit=x", "cursor=-1", "cursor=1.5", "cursor="):
+            assert await _page(hq, a, query) == (400, "bad_request"), query
+        assert await _page(hq, a, f"cursor={2**63}") == (400, "bad_request")
+
+
+async def test_feed_and_ack_headers_hold_what_2_1_says(tmp_path: Path) -> None:
+    async with running_hq(tmp_path) as hq:
+        a, b = await hq.enroll(name="a"), await hq.enroll(name="b")
+        before = system_ms()
+        response = await hq.post(seal_batch(a, 1, make_changes(a, 1, 2)))
+        after = system_ms()
+        ack = hq.open_from_hq(await response.read())
+        assert ack.kind == Kind.ACK
+        header = dict(ack.header)
+        assert before <= (header.pop("time") >> 16) <= after
+        assert header == {
+            "node": hq.state.identity.node_id,
+            **{"seq": 0, "first": 0, "last": 0, "count": 0, "codec": 0, "dict": 0, "enc": 0},
+            "raw": len(packb(ack.body)),
+        }
+        assert list(ack.body) == ["node", "acked_through", "hq_time"]
+        assert ack.body["node"] == a.node_id and ack.body["acked_through"] == 1
+        assert before <= ack.body["hq_time"] <= after  # milliseconds, not an HLC
+        _, page = await _page(hq, b, "cursor=0")
+        header = dict(page.header)
+        assert before <= (header.pop("time") >> 16) <= system_ms()
+        assert header.pop("raw") == len(packb(page.body))
+        assert header == {
+            "node": hq.state.identity.node_id,
+            **{"seq": 0, "first": 0, "last": 0, "count": 2, "codec": 1, "dict": 0, "enc": 0},
+            "cursor": 2,
+            "more": False,
+            "groups": [],
+        }
+        assert list(page.header)[-3:] == ["cursor", "more", "groups"]
+
+
+# --- 9.5: the order of HQ's checks on a batch ---------------------------------------------------
+
+
+async def test_batch_checks_come_in_the_documented_order(tmp_path: Path) -> None:
+    """Each batch breaks two checks of 9.5; the earlier one is the answer."""
+    async with running_hq(tmp_path) as hq:
+        node = await hq.enroll()
+        good = make_changes(node, 1, 2)
+        bad_name = [good[0], replace(good[1], fields={"_x": 1})]
+        response = await hq.client.post(
+            "/v1/batches", data=b"garbage", headers={"Content-Type": "text/plain"}
+        )
+        assert response.status == 415  # 1 before 3
+        stranger = NodeIdentity.generate()
+        await refused(hq, seal_batch(stranger, 1, bad_name), 403, "unknown_node")  # 5 before 10
+        forged = bytearray(seal_batch(node, 1, bad_name))
+        forged[-1] ^= 1
+        await refused(hq, bytes(forged), 401, "bad_signature")  # 6 before 10
+        await refused(hq, seal_batch(node, 1, bad_name, count=3), 400, "corrupt")  # 9 before 10
+        message = await refused(hq, seal_batch(node, 5, bad_name), 422, "invalid_change")
+        assert "batch 5, change 2" in message  # 10 before 12 (a gap)
+        assert await hq.acked(await hq.post(seal_batch(node, 1, good))) == 1
+        await refused(hq, seal_batch(node, 3, good), 409, "gap")  # 12
+        assert await hq.acked(await hq.post(seal_batch(node, 1, good))) == 1  # duplicate: 200
