@@ -40,6 +40,7 @@ from hq_server.routing.state import RouterStore, RouteState, SourceChange
 from hq_server.store import (
     ConflictEntry,
     ConflictNotOpen,
+    IssuedToken,
     Node,
     SQLiteHQStore,
     StoreError,
@@ -229,7 +230,19 @@ def token_group() -> None:
 
 @token_group.command("create")
 @config_option
-@click.option("--node", "node_name", required=True, help="Name the enrolled node will get.")
+@click.option(
+    "--node",
+    "node_name",
+    required=True,
+    help="Name the enrolled node gets (the name the agent sends is ignored); with --reenroll, "
+    "the enrolled node (name or id) the token is for.",
+)
+@click.option(
+    "--reenroll",
+    is_flag=True,
+    help="Enrol the key of an enrolled node again (e.g. its enrolment file was lost): keeps the "
+    "node's id, name and sequence marks. Only that node's key can use the token.",
+)
 @click.option(
     "--ttl-hours",
     type=click.FloatRange(min=0, min_open=True),
@@ -240,22 +253,42 @@ def token_group() -> None:
     "--group",
     "groups",
     multiple=True,
-    help="Node group the enrolled node joins (repeatable): what it owns and reviews.",
+    help="Node group the enrolled node joins (repeatable): what it owns and reviews. With "
+    "--reenroll: replaces the node's groups (none given: they are kept).",
 )
 def token_create(
-    config_path: Path, node_name: str, ttl_hours: float | None, groups: tuple[str, ...]
+    config_path: Path,
+    node_name: str,
+    reenroll: bool,
+    ttl_hours: float | None,
+    groups: tuple[str, ...],
 ) -> None:
-    """Issue a one-time enrolment token; prints only the token (it is not stored, only its hash)."""
+    """Issue a one-time enrolment token bound to one node name; prints only the token (it is not
+    stored, only its hash).
+
+    An ordinary token enrols a new key; a key that is already enrolled is refused with it
+    (already_enrolled) and needs a token made with --reenroll for its node."""
     config = _load(config_path)
     if not node_name.strip():
         _fail("--node must not be empty", 2)
     chosen = _check_groups(groups, "--group")
     hours = ttl_hours if ttl_hours is not None else config.hq.token_ttl_hours
     ttl_ms = max(1, round(hours * 3_600_000))
-    issued = _with_store(
-        config,
-        lambda store: store.create_token(node_name, ttl_ms, actor=_actor(), groups=chosen),
-    )
+
+    async def create(store: SQLiteHQStore) -> tuple[IssuedToken, list[Node]]:
+        issued = await store.create_token(
+            node_name, ttl_ms, actor=_actor(), groups=chosen, reenroll=reenroll
+        )
+        named = [] if reenroll else [n for n in await store.list_nodes() if n.name == node_name]
+        return issued, [n for n in named if n.active]
+
+    issued, namesakes = _with_store(config, create)
+    for node in namesakes:
+        click.echo(
+            f"note: node {node.node_id} is already named {node_name!r}; this token enrols a new "
+            f"key as another node of that name (to enrol {node.node_id} again, use --reenroll)",
+            err=True,
+        )
     click.echo(issued.token)
 
 

@@ -21,7 +21,8 @@ Error hierarchy::
     ├── NodeNotFound         no such node (or, by name, none active)
     ├── AmbiguousNode        a name matches several nodes; use the node id
     ├── NodeRevoked          the node was revoked (e.g. between key lookup and ingest)
-    ├── EnrollmentRefused    token unknown, used or expired, or the key was revoked (`.code`)
+    ├── EnrollmentRefused    token unknown, used, expired or for another node; key revoked or
+    │                        already enrolled (`.code`, one of ENROL_CODES)
     ├── UnstorableChange     a change's values cannot be stored (not JSON-compatible)
     ├── ConflictNotFound     no conflict with this id
     ├── ConflictNotOpen      the conflict is already resolved (or was logged as settled)
@@ -68,7 +69,7 @@ from protocol.merge import NO_POLICIES, FieldPolicies, RecordState, Stamp
 
 log = logging.getLogger("fieldsync.hq.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA = """
@@ -99,7 +100,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     expires_at INTEGER NOT NULL,
     used_at INTEGER,
     used_by_node TEXT,
-    groups TEXT NOT NULL DEFAULT '[]'  -- given to the node that enrols with the token
+    groups TEXT NOT NULL DEFAULT '[]',  -- given to the node that enrols with the token
+    -- Set: the token re-enrols this node (its key) and nothing else; NULL: it enrols a new key.
+    reenroll_node TEXT
 );
 CREATE TABLE IF NOT EXISTS records (
     collection TEXT NOT NULL,
@@ -223,6 +226,11 @@ _MIGRATIONS: dict[int, str] = {
         change_seq = (SELECT COALESCE(MAX(origin_seq), 0) FROM changelog WHERE origin = node_id),
         max_hlc = (SELECT COALESCE(MAX(hlc), 0) FROM changelog WHERE origin = node_id);
     """,
+    # Re-enrolment tokens (tokens made before could enrol any key, enrolled or not: they now
+    # enrol new keys only).
+    4: """
+    ALTER TABLE tokens ADD COLUMN reenroll_node TEXT;
+    """,
 }
 _ALIVE = "stamps != '{}'"
 
@@ -344,7 +352,7 @@ class UnstorableChange(StoreError):
 
 
 class EnrollmentRefused(StoreError):
-    """An enrolment the store refused; `code` is a stable machine-readable reason."""
+    """An enrolment the store refused; `code` is a stable machine-readable reason (ENROL_CODES)."""
 
     def __init__(self, code: str, message: str) -> None:
         self.code = code
@@ -489,6 +497,21 @@ class IssuedToken:
     token: str  # shown once; only its SHA-256 is stored
     node_name: str
     expires_at: int
+    reenroll_node: str | None = None  # the node (id) a re-enrolment token is for
+
+
+# Why an enrolment is refused (EnrollmentRefused.code; HTTP 403, nothing changed, audited as
+# node.enroll_refused).
+ENROL_CODES = {
+    "token_invalid": "the token is not one HQ issued",
+    "token_used": "the token was used already (tokens are one-time)",
+    "token_expired": "the token's lifetime is over",
+    "key_revoked": "the key belongs to a revoked node (revocation is final: make a new key)",
+    "already_enrolled": "the key is enrolled already, and the token is not a re-enrolment "
+    "token made for its node (token create --node NAME --reenroll)",
+    "wrong_node": "the token re-enrols another node than the one the key belongs to (or the key "
+    "is not enrolled)",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,19 +582,31 @@ class HQStore(Protocol):
         """
 
     async def create_token(
-        self, node_name: str, ttl_ms: int, *, actor: str, groups: Sequence[str] = ()
+        self,
+        node_name: str,
+        ttl_ms: int,
+        *,
+        actor: str,
+        groups: Sequence[str] = (),
+        reenroll: bool = False,
     ) -> IssuedToken:
-        """Issue a one-time enrolment token for `node_name`, valid for `ttl_ms`; audited.
+        """Issue a one-time enrolment token bound to `node_name`, valid for `ttl_ms`; audited.
 
-        Only the token's hash is stored: the returned token cannot be recovered later.
+        An ordinary token enrols a new key as a node named `node_name` with `groups`. With
+        `reenroll`, `node_name` is an existing node (id, or name as `find_node` takes it) and the
+        token enrols that node's key again, and no other; `groups`, if any, replace the node's.
+        NodeNotFound / AmbiguousNode if there is no such node or several; StoreError if it is
+        revoked. Only the token's hash is stored: the returned token cannot be recovered later.
         """
 
     async def enroll(self, token: str, public_key: bytes, *, name_hint: str = "") -> Node:
         """Consume `token` and register `public_key` under the token's node name, atomically.
 
-        Raises EnrollmentRefused (code token_invalid / token_used / token_expired / key_revoked)
-        and then changes nothing. Re-enrolling an active key with a fresh token keeps its
-        acked_through (so no batch is replayed or lost) and takes the token's name. Audited.
+        The name is always the token's; `name_hint` (what the agent calls itself) is only
+        audited. A key already enrolled needs a re-enrolment token made for its node, which keeps
+        the node's id, name, acked_through and high marks (nothing is replayed or lost). Raises
+        EnrollmentRefused (a code of ENROL_CODES) and then changes nothing but the audit log.
+        Every attempt is audited: node.enroll, or node.enroll_refused with the code.
         """
 
     async def revoke_node(self, node_id: str, *, actor: str) -> tuple[Node, bool]:
@@ -917,7 +952,13 @@ class SQLiteHQStore:
         )
 
     async def create_token(
-        self, node_name: str, ttl_ms: int, *, actor: str, groups: Sequence[str] = ()
+        self,
+        node_name: str,
+        ttl_ms: int,
+        *,
+        actor: str,
+        groups: Sequence[str] = (),
+        reenroll: bool = False,
     ) -> IssuedToken:
         groups = check_groups(groups)
         if not node_name.strip():
@@ -927,73 +968,151 @@ class SQLiteHQStore:
         token = ENROL_TOKEN_PREFIX + secrets.token_urlsafe(32)
         digest = token_hash(token)
         now = self._wall()
-        issued = IssuedToken(token, node_name, now + ttl_ms)
         async with self._transaction("create token") as conn:
+            node_id = None
+            if reenroll:
+                node = await self._node_for_reenrolment(conn, node_name)
+                node_id, node_name = node.node_id, node.name
+            issued = IssuedToken(token, node_name, now + ttl_ms, node_id)
             await conn.execute(
-                "INSERT INTO tokens(token_hash, node_name, created_at, expires_at, groups) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (digest, node_name, now, issued.expires_at, _dumps(list(groups))),
+                "INSERT INTO tokens(token_hash, node_name, created_at, expires_at, groups, "
+                "reenroll_node) VALUES (?, ?, ?, ?, ?, ?)",
+                (digest, node_name, now, issued.expires_at, _dumps(list(groups)), node_id),
             )
             detail = {
                 "node_name": node_name,
                 "expires_at": issued.expires_at,
                 "id": digest[:12],
                 "groups": list(groups),
+                "reenroll_node": node_id,
             }
             await self._audit(conn, actor, "token.create", detail)
         return issued
 
+    async def _node_for_reenrolment(self, conn: aiosqlite.Connection, ref: str) -> Node:
+        """The node `ref` names (id, else name as `find_node`), which must be active."""
+        rows = await conn.execute_fetchall(
+            f"SELECT {_NODE_COLUMNS} FROM nodes WHERE node_id = ? OR name = ? "
+            "ORDER BY node_id = ? DESC",
+            (ref, ref, ref),
+        )
+        nodes = [self._node(r) for r in rows]
+        if nodes and nodes[0].node_id == ref:
+            nodes = nodes[:1]
+        candidates = [n for n in nodes if n.active] or nodes
+        if not candidates:
+            raise NodeNotFound(
+                f"create token: no node with id or name {ref!r} to re-enrol "
+                "(a new node needs a token without --reenroll)"
+            )
+        if len(candidates) > 1:
+            ids = ", ".join(n.node_id for n in candidates)
+            raise AmbiguousNode(f"several nodes are named {ref!r} ({ids}); give the node id")
+        node = candidates[0]
+        if not node.active:
+            raise StoreError(
+                f"create token: node {node.node_id} ({node.name}) was revoked and cannot be "
+                "re-enrolled; enrol a new key with a token without --reenroll"
+            )
+        return node
+
     async def enroll(self, token: str, public_key: bytes, *, name_hint: str = "") -> Node:
         node_id = node_id_for(public_key)
         digest = token_hash(token)
-        now = self._wall()
+        refusal: EnrollmentRefused | None = None
         async with self._transaction("enroll") as conn:
-            rows = await conn.execute_fetchall(
-                "SELECT node_name, expires_at, used_at, groups FROM tokens WHERE token_hash = ?",
-                (digest,),
+            try:
+                return await self._enroll(conn, digest, node_id, public_key, name_hint)
+            except EnrollmentRefused as e:
+                # Nothing was written; the refusal is audited (and committed) all the same.
+                refusal = e
+                detail = {
+                    "node_id": node_id,
+                    "name_hint": name_hint,
+                    "token_id": digest[:12],
+                    "code": e.code,
+                    "reason": str(e),
+                }
+                await self._audit(conn, node_id, "node.enroll_refused", detail)
+        assert refusal is not None  # the transaction returned otherwise
+        raise refusal
+
+    async def _enroll(
+        self,
+        conn: aiosqlite.Connection,
+        digest: str,
+        node_id: str,
+        public_key: bytes,
+        name_hint: str,
+    ) -> Node:
+        """`enroll` inside its transaction: every check before the first write."""
+        now = self._wall()
+        rows = await conn.execute_fetchall(
+            "SELECT node_name, expires_at, used_at, groups, reenroll_node FROM tokens "
+            "WHERE token_hash = ?",
+            (digest,),
+        )
+        if not rows:
+            raise EnrollmentRefused("token_invalid", "enrolment token is not valid")
+        name, expires_at, used_at, groups, reenroll_node = next(iter(rows))
+        if used_at is not None:
+            raise EnrollmentRefused(
+                "token_used", "enrolment token was already used; ask HQ for a new one"
             )
-            if not rows:
-                raise EnrollmentRefused("token_invalid", "enrolment token is not valid")
-            name, expires_at, used_at, groups = next(iter(rows))
-            if used_at is not None:
-                raise EnrollmentRefused(
-                    "token_used", "enrolment token was already used; ask HQ for a new one"
-                )
-            if expires_at <= now:
-                raise EnrollmentRefused(
-                    "token_expired", "enrolment token has expired; ask HQ for a new one"
-                )
-            rows = await conn.execute_fetchall(
-                "SELECT revoked_at FROM nodes WHERE node_id = ?", (node_id,)
+        if expires_at <= now:
+            raise EnrollmentRefused(
+                "token_expired", "enrolment token has expired; ask HQ for a new one"
             )
-            existing = next(iter(rows)) if rows else None
-            if existing is not None and existing[0] is not None:
-                raise EnrollmentRefused(
-                    "key_revoked",
-                    f"node {node_id} was revoked; generate a new key and enrol with it",
-                )
-            await conn.execute(
-                "UPDATE tokens SET used_at = ?, used_by_node = ? WHERE token_hash = ?",
-                (now, node_id, digest),
+        rows = await conn.execute_fetchall(
+            "SELECT revoked_at, name FROM nodes WHERE node_id = ?", (node_id,)
+        )
+        existing = next(iter(rows)) if rows else None
+        if existing is not None and existing[0] is not None:
+            raise EnrollmentRefused(
+                "key_revoked",
+                f"node {node_id} was revoked; generate a new key and enrol with it",
             )
+        if reenroll_node is None and existing is not None:
+            raise EnrollmentRefused(
+                "already_enrolled",
+                f"this key is already enrolled as node {node_id} ({existing[1]}), and the token "
+                f"enrols a new node ({name}); to enrol this node again, ask HQ for "
+                f"`fieldsync-hq token create --node {node_id} --reenroll`",
+            )
+        if reenroll_node is not None and reenroll_node != node_id:
+            which = "is not enrolled" if existing is None else f"is node {node_id} ({existing[1]})"
+            raise EnrollmentRefused(
+                "wrong_node",
+                f"this token re-enrols node {reenroll_node} ({name}) only; the key presented "
+                f"{which}",
+            )
+        await conn.execute(
+            "UPDATE tokens SET used_at = ?, used_by_node = ? WHERE token_hash = ?",
+            (now, node_id, digest),
+        )
+        if existing is None:
             await conn.execute(
                 "INSERT INTO nodes(node_id, name, public_key, enrolled_at, groups) "
-                "VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(node_id) DO UPDATE SET name = excluded.name, groups = excluded.groups",
+                "VALUES (?, ?, ?, ?, ?)",
                 (node_id, name, public_key, now, groups),
             )
-            detail = {
-                "node_id": node_id,
-                "name": name,
-                "name_hint": name_hint,
-                "reenrolled": existing is not None,
-                "token_id": digest[:12],
-            }
-            await self._audit(conn, node_id, "node.enroll", detail)
-            rows = await conn.execute_fetchall(
-                f"SELECT {_NODE_COLUMNS} FROM nodes WHERE node_id = ?", (node_id,)
-            )
-            return self._node(next(iter(rows)))
+        elif _loads(groups):
+            # A re-enrolment keeps the node as it is (id, name, marks); groups only if given.
+            await conn.execute("UPDATE nodes SET groups = ? WHERE node_id = ?", (groups, node_id))
+        detail = {
+            "node_id": node_id,
+            "name": name,
+            "name_hint": name_hint,
+            "reenrolled": existing is not None,
+            "token_id": digest[:12],
+        }
+        if existing is not None and _loads(groups):
+            detail["groups"] = _loads(groups)
+        await self._audit(conn, node_id, "node.enroll", detail)
+        rows = await conn.execute_fetchall(
+            f"SELECT {_NODE_COLUMNS} FROM nodes WHERE node_id = ?", (node_id,)
+        )
+        return self._node(next(iter(rows)))
 
     async def set_groups(self, node_id: str, groups: Sequence[str], *, actor: str) -> Node:
         """Give a node its groups (replacing the old ones); the node learns them at its next

@@ -240,8 +240,17 @@ class Harness:
     def snapshot(self) -> Snapshot:
         return snapshot(self.config.hq.db_path)
 
-    async def token(self, name: str = "field-1", ttl_ms: int = DAY_MS) -> str:
-        issued = await self.store.create_token(name, ttl_ms, actor="test")
+    async def token(
+        self,
+        name: str = "field-1",
+        ttl_ms: int = DAY_MS,
+        *,
+        groups: Sequence[str] = (),
+        reenroll: bool = False,
+    ) -> str:
+        issued = await self.store.create_token(
+            name, ttl_ms, actor="test", groups=groups, reenroll=reenroll
+        )
         return issued.token
 
     async def enroll(

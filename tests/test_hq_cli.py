@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 from hq_fixtures import make_changes
 
 from hq_server.cli import READY_PREFIX, main
-from hq_server.store import SQLiteHQStore
+from hq_server.store import EnrollmentRefused, SQLiteHQStore
 from protocol.identity import NodeIdentity
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,3 +233,44 @@ def test_serve_prints_url_with_real_port_and_stops_on_signal(
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_token_create_reenroll_is_bound_to_an_enrolled_node(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    create_db(tmp_path)
+    node = enrol_with_cli_token(tmp_path, config, "field-1")
+    plain = cli("token", "create", "--config", str(config), "--node", "field-1")
+    assert plain.exit_code == 0, plain.stderr
+    assert node.node_id in plain.stderr and "--reenroll" in plain.stderr  # a namesake
+    assert len(plain.stdout.splitlines()) == 1
+    again = cli("token", "create", "--config", str(config), "--node", "field-1", "--reenroll")
+    assert again.exit_code == 0, again.stderr
+    assert again.stderr == ""
+    missing = cli("token", "create", "--config", str(config), "--node", "nobody", "--reenroll")
+    assert missing.exit_code == 1
+    assert "no node" in missing.stderr and "Traceback" not in missing.stderr
+    no_node = cli("token", "create", "--config", str(config))
+    assert no_node.exit_code == 2 and "--node" in no_node.stderr
+
+    async def enrol(token: str) -> str:
+        async with SQLiteHQStore(tmp_path / "data" / "hq.db") as store:
+            try:
+                await store.enroll(token, node.public_key)
+            except EnrollmentRefused as e:
+                return e.code
+            return "enrolled"
+
+    assert asyncio.run(enrol(plain.stdout.strip())) == "already_enrolled"
+    assert asyncio.run(enrol(again.stdout.strip())) == "enrolled"
+    audit = cli("audit", "--config", str(config))
+    entries = [json.loads(line) for line in audit.stdout.splitlines()]
+    assert [e["action"] for e in entries if e["action"].startswith("node.")] == [
+        "node.enroll",
+        "node.enroll_refused",
+        "node.enroll",
+    ]
+    assert [e["detail"]["reenroll_node"] for e in entries if e["action"] == "token.create"] == [
+        None,
+        None,
+        node.node_id,
+    ]
