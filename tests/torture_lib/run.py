@@ -61,6 +61,7 @@ class Torture:
         self.history = History()
         self.stats: Counter[str] = Counter()  # HTTP answers seen by the writers
         self.faults: Counter[str] = Counter()
+        self.probes: Counter[str] = Counter()
         self.crashes: list[str] = []
         self.notes: list[str] = []
         self.secret = secrets.token_hex(16)
@@ -78,6 +79,7 @@ class Torture:
         self.kinds = set(KIND_WEIGHTS)
         self.session: aiohttp.ClientSession
         self.passed = False
+        self.watcher: asyncio.Task[None] | None = None
 
     # ---- setup ------------------------------------------------------------------------------
 
@@ -142,7 +144,9 @@ class Torture:
             agent = self.agents[fault.target]
             agent.fill_disk()
             try:
-                await asyncio.sleep(fault.duration)
+                await asyncio.sleep(min(0.3, fault.duration))
+                await self.probe_full(agent)
+                await asyncio.sleep(max(0.0, fault.duration - 0.3))
             finally:
                 agent.free_disk()
         else:
@@ -159,6 +163,19 @@ class Torture:
                 await asyncio.sleep(fault.duration)
             finally:
                 proxy.set_mode("pass")
+
+    async def probe_full(self, agent: Agent) -> None:
+        """With its disk full, the agent still answers status, and says so (issue 9, defect 1):
+        counted in the figures, not judged (tests/test_agent_disk_full.py judges it)."""
+        try:
+            async with self.session.get(
+                f"{agent.api}/v1/status", headers=agent.headers(), timeout=aiohttp.ClientTimeout(5)
+            ) as r:
+                status = await r.json() if r.status == 200 else {}
+            said = "says disk full" if status.get("disk_full") else f"HTTP {r.status}, not full"
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            said = f"no answer ({type(e).__name__})"
+        self.probes[f"status with a full disk: {said}"] += 1
 
     async def watch(self, stop: asyncio.Event) -> None:
         """A daemon that exits by itself is a finding: note it (with its log) and restart it."""
@@ -189,9 +206,13 @@ class Torture:
                     await asyncio.gather(*tasks)
             except TimeoutError:
                 raise RunError(f"cycle {cycle} did not finish: {line}") from None
+            except RuntimeError as e:
+                raise RunError(f"cycle {cycle} ({line}): {e}") from e
             finally:
                 for task in tasks:
                     task.cancel()
+            if self.watcher is not None and self.watcher.done():
+                raise RunError(f"the crash watcher stopped: {self.watcher.exception()}")
             acked = sum(w.outcome == "acked" for w in self.history.writes)
             say(
                 f"cycle {cycle}/{self.args.cycles} [{loop.time() - start:4.1f}s] {line}; acked {acked:,}"
@@ -301,6 +322,7 @@ def figures(t: Torture, wall_s: float, drain_s: float, log_size: int) -> str:
             for n, s in proxy.items()
         ),
     ]
+    lines += [f"  probe: {k}: {v}" for k, v in sorted(t.probes.items())]
     lines += [f"  skipped: {n}" for n in t.notes]
     lines += [f"  anomaly: {a}" for a in t.anomalies()[:10]]
     for crash in t.crashes[:3]:
@@ -325,6 +347,7 @@ async def torture(args: argparse.Namespace, root: Path) -> int:
             )
             background = [asyncio.create_task(w.run(stop_writers)) for w in t.writers]
             background.append(asyncio.create_task(t.watch(stop_watch)))
+            t.watcher = background[-1]
             await t.cycles()
             stop_writers.set()
             await asyncio.gather(*background[:-1])
@@ -338,6 +361,8 @@ async def torture(args: argparse.Namespace, root: Path) -> int:
             report = t.verdict()
             t.passed = report.ok
             log_size = len(hqstate.change_log(t.hq.db_path))
+        except RuntimeError as e:  # a daemon that would not start again: the log tail says why
+            raise RunError(str(e)) from e
         finally:
             stop_writers.set()
             stop_watch.set()
