@@ -11,13 +11,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hq_fixtures import Harness, make_changes, raw_header, running_hq, seal_batch
+from hq_fixtures import FakeWall, Harness, make_changes, raw_header, running_hq, seal_batch
 
 from protocol.change import decode_changes, encode_changes
 from protocol.envelope import MAGIC, VERSION, Kind, packb
 from protocol.hlc import system_ms
 from protocol.identity import NodeIdentity
 from protocol.transport import (
+    ENROLL_PATH,
     HEADER_SIGNATURE,
     HEADER_TIME,
     REQUEST_WINDOW_MS,
@@ -269,3 +270,53 @@ async def test_batch_checks_come_in_the_documented_order(tmp_path: Path) -> None
         assert await hq.acked(await hq.post(seal_batch(node, 1, good))) == 1
         await refused(hq, seal_batch(node, 3, good), 409, "gap")  # 12
         assert await hq.acked(await hq.post(seal_batch(node, 1, good))) == 1  # duplicate: 200
+
+
+# --- 9.1: enrolment answers and error codes ----------------------------------------------------
+
+
+async def test_enrolment_answers_and_error_codes(tmp_path: Path) -> None:
+    wall = FakeWall()
+    async with running_hq(tmp_path, wall=wall) as hq:
+
+        async def enrol(doc: Any, **kw: Any) -> tuple[int, Any]:
+            before = hq.snapshot()
+            response = await hq.client.post(ENROLL_PATH, json=doc, **kw)
+            body = await response.json()
+            if response.status != 200:
+                assert set(body) == {"error", "message"}, body
+                assert hq.snapshot().changelog == before.changelog
+                return response.status, body["error"]
+            return 200, body
+
+        key = NodeIdentity.generate()
+        doc = {"token": await hq.token("f1"), "public_key": b64(key.public_key), "name": "f1"}
+        status, body = await enrol(doc)
+        assert status == 200
+        assert list(body) == ["node_id", "name", "hq_node_id", "hq_public_key", "hq_time", "groups"]
+        assert body["node_id"] == key.node_id and body["hq_time"] == wall.now  # ms, not an HLC
+        assert body["hq_public_key"] == b64(hq.hq_public_key) and body["groups"] == []
+        other = b64(NodeIdentity.generate().public_key)
+        assert await enrol({**doc, "public_key": other}) == (403, "token_used")
+        assert await enrol({**doc, "token": "nope", "public_key": other}) == (403, "token_invalid")
+        expiring = await hq.token("f2", ttl_ms=1000)
+        wall.advance(2000)
+        assert await enrol({"token": expiring, "public_key": other}) == (403, "token_expired")
+        await hq.store.revoke_node(key.node_id, actor="test")
+        fresh = {"token": await hq.token("f3"), "public_key": b64(key.public_key)}
+        assert await enrol(fresh) == (403, "key_revoked")
+        token = await hq.token("f4")
+        for bad in (
+            [],
+            {"public_key": other},
+            {"token": "", "public_key": other},
+            {"token": token, "public_key": 5},
+            {"token": token, "public_key": other, "name": "x" * 201},
+            {"token": token, "public_key": b64(bytes(31))},
+        ):
+            assert await enrol(bad) == (400, "bad_request"), bad
+        assert await enrol({"token": token, "public_key": "not base64!"}) == (400, "corrupt")
+        big = {"token": token, "public_key": other, "name": "x" * 20_000}
+        assert await enrol(big) == (413, "oversize")
+        status, body = await enrol({"token": token, "public_key": other})
+        assert status == 200 and body["name"]  # a name is optional: HQ picks one

@@ -146,3 +146,15 @@ def test_values_are_json_values_in_7_1() -> None:
     assert "Byte strings (`bin`), extension types, NaN and infinities are not values" in text
     assert "byte strings, arrays" not in text
     assert "byte strings are accepted" not in SPEC.lower()
+
+
+def test_every_enrolment_refusal_code_is_documented() -> None:
+    """HQ's store names its enrolment refusals in ENROL_CODES (issue 9, defect 8)."""
+    from hq_server import store
+
+    text = section("HTTP transport")
+    codes = getattr(
+        store, "ENROL_CODES", {"token_invalid": "", "token_used": "", "key_revoked": ""}
+    )
+    for code in codes:
+        assert f"| `{code}`" in text, code
