@@ -43,6 +43,9 @@ from protocol.hlc import system_ms
 
 log = logging.getLogger("fieldsync.hq.router")
 IDLE_POLL_S = 1.0
+# A Retry-After of 0 (or a date just past) still waits this long: a target answering 429 with
+# "Retry-After: 0" to every request must not get a tight loop of requests.
+MIN_RETRY_AFTER_S = 0.1
 
 
 def idempotency_key(route: str, origin: str, origin_seq: int, index: int) -> str:
@@ -166,8 +169,13 @@ class RouteRunner:
 
     # -- backoff
 
-    def _delay_ms(self, failures: int) -> int:
+    def _delay_ms(self, failures: int, outcome: Outcome | None = None) -> int:
+        """The wait before the next try: what the target asked for (Retry-After), or doubling
+        with jitter; either at most retry.max_s."""
         policy = self.route.section.retry
+        if outcome is not None and outcome.retry_after_s is not None:
+            asked = max(MIN_RETRY_AFTER_S, outcome.retry_after_s)
+            return int(min(policy.max_s, asked) * 1000)
         ceiling = min(policy.max_s, policy.initial_s * 2 ** min(failures - 1, 60))
         return int(self._rng.uniform(ceiling / 2, ceiling) * 1000)
 
@@ -321,7 +329,7 @@ class RouteRunner:
         failures = 1 if moved else state.failures + 1
         attempts = (0 if moved else state.attempts) + (0 if outcome.target_down else 1)
         cursor, partial = position
-        next_at = now + self._delay_ms(failures)
+        next_at = now + self._delay_ms(failures, outcome)
         exhausted = attempts >= self.route.section.retry.attempts
         if exhausted:
             dead.append(self._dead(slot, "exhausted", outcome.detail, attempts, now))
@@ -390,7 +398,9 @@ class RouteRunner:
             outcome, targets = await self._redeliver(letter)
             if outcome.status is Delivery.ERRORED:
                 self._resubmit_failures += 1
-                self._resubmit_retry_at = self._wall() + self._delay_ms(self._resubmit_failures)
+                self._resubmit_retry_at = self._wall() + self._delay_ms(
+                    self._resubmit_failures, outcome
+                )
                 log.warning(
                     "route %s: resubmitted dead letter %d errored: %s",
                     self.route.name,

@@ -53,6 +53,9 @@ class Outcome:
     # HTTP 502/503/504, broker down): the router waits it out without spending the item's retry
     # budget, so an outage never dead-letters data; only item-level transient errors exhaust it.
     target_down: bool = False
+    # Seconds the target asked to wait before the next try (HTTP Retry-After on 429 or 503); the
+    # router waits that long instead of its own backoff, capped by the route's retry.max_s.
+    retry_after_s: float | None = None
 
     @classmethod
     def delivered(cls) -> Outcome:
@@ -63,8 +66,8 @@ class Outcome:
         return cls(Delivery.ERRORED, detail)
 
     @classmethod
-    def unavailable(cls, detail: str) -> Outcome:
-        return cls(Delivery.ERRORED, detail, target_down=True)
+    def unavailable(cls, detail: str, retry_after_s: float | None = None) -> Outcome:
+        return cls(Delivery.ERRORED, detail, target_down=True, retry_after_s=retry_after_s)
 
     @classmethod
     def rejected(cls, detail: str) -> Outcome:

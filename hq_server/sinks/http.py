@@ -6,6 +6,8 @@ Errors an exchange can end in, and what a sink makes of them::
     answer 502, 503, 504                        ERRORED, target down (gateway: the service is down)
     answer 408, 429                             ERRORED, target down (timed out / throttled: the
                                                   whole client waits, not this item)
+    Retry-After on a 429 or 503                 the route waits that long (seconds or an HTTP
+                                                  date) instead of its backoff, at most retry.max_s
     answer 3xx                                  ERRORED, target down (redirects are not followed)
     answer 401                                  ERRORED, target down (credentials are the whole
                                                   route's problem: fix them, the route resumes)
@@ -30,8 +32,11 @@ settings can turn verification off.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import email.utils
 import json
 import ssl
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,15 +146,40 @@ def redact(text: str, secrets: Iterable[Secret | str | None]) -> str:
     return SecretMask(secrets)(text)
 
 
+RETRY_AFTER_STATUSES = (429, 503)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (RFC 9110 10.2.3): delay-seconds or an HTTP-date,
+    `now` being Unix seconds. None if absent or unreadable; a date in the past is 0."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(int(text))
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is always GMT
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, when.timestamp() - now)
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """An HTTP answer reduced to what classification needs: the status and a short body text."""
+    """An HTTP answer reduced to what classification needs: the status, a short body text, and
+    on 429/503 the Retry-After delay asked for (seconds)."""
 
     status: int
     snippet: str  # whitespace collapsed, at most SNIPPET_CHARS characters
+    retry_after_s: float | None = None
 
     def describe(self) -> str:
-        return f"HTTP {self.status}: {self.snippet}" if self.snippet else f"HTTP {self.status}"
+        text = f"HTTP {self.status}: {self.snippet}" if self.snippet else f"HTTP {self.status}"
+        if self.retry_after_s is not None:
+            text += f" (Retry-After {self.retry_after_s:g} s)"
+        return text
 
 
 def classify(answer: Answer) -> Outcome:
@@ -158,7 +188,7 @@ def classify(answer: Answer) -> Outcome:
     if 200 <= status < 300:
         return Outcome.delivered()
     if status in (408, 429, 502, 503, 504):
-        return Outcome.unavailable(answer.describe())
+        return Outcome.unavailable(answer.describe(), answer.retry_after_s)
     if 300 <= status < 400:
         return Outcome.unavailable(f"{answer.describe()} (redirects are not followed; fix the URL)")
     if status == 401:
@@ -179,7 +209,15 @@ class HttpClient:
     sink never has to rebuild it; a failed exchange only fails the item it carried.
     """
 
-    def __init__(self, *, timeout_s: float, ca_bundle: Path | None, secrets: Iterable[Secret]):
+    def __init__(
+        self,
+        *,
+        timeout_s: float,
+        ca_bundle: Path | None,
+        secrets: Iterable[Secret],
+        wall: Callable[[], float] = time.time,
+    ):
+        self._wall = wall  # Unix seconds, for Retry-After dates
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._ca_bundle = ca_bundle
         self.mask = SecretMask(secrets)
@@ -229,7 +267,11 @@ class HttpClient:
                 body = await response.content.read(_READ_LIMIT)
                 text = body.decode("utf-8", errors="replace")
                 snippet = self.mask(" ".join(self.mask(text).split()))[:SNIPPET_CHARS]
-                return Answer(response.status, snippet), body
+                retry_after = None
+                if response.status in RETRY_AFTER_STATUSES:
+                    header = response.headers.get("Retry-After")
+                    retry_after = parse_retry_after(header, self._wall())
+                return Answer(response.status, snippet, retry_after), body
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise TransportError(self._describe(e)) from e
         except ValueError as e:  # aiohttp refuses header injection and the like before sending

@@ -329,12 +329,19 @@ def record_url(template: str, target_key: str) -> yarl.URL:
 class RestSink:
     """Upserts (PUT or POST) and deletes each item in order, stopping at the first ERRORED.
 
-    `clock` is monotonic seconds, used only for access-token expiry.
+    `clock` is monotonic seconds, used only for access-token expiry; `wall` is Unix seconds, used
+    only to read a Retry-After date.
     """
 
     kind: ClassVar[str] = "rest"
 
-    def __init__(self, settings: RestSettings, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        settings: RestSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ):
         self.settings = settings
         secrets: list[Secret] = []
         self._api_key: tuple[str, Secret] | None = None
@@ -350,7 +357,7 @@ class RestSink:
             self._api_key = (settings.api_key_header, api_key)
             secrets.append(api_key)
         self._http = HttpClient(
-            timeout_s=settings.timeout_s, ca_bundle=settings.ca_bundle, secrets=secrets
+            timeout_s=settings.timeout_s, ca_bundle=settings.ca_bundle, secrets=secrets, wall=wall
         )
         if settings.token_url:
             client_secret = resolve_secret(

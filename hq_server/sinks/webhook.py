@@ -172,7 +172,10 @@ class WebhookSink:
         self._clock = clock
         self._url = yarl.URL(settings.url)
         self._http = HttpClient(
-            timeout_s=settings.timeout_s, ca_bundle=settings.ca_bundle, secrets=(secret,)
+            timeout_s=settings.timeout_s,
+            ca_bundle=settings.ca_bundle,
+            secrets=(secret,),
+            wall=clock,
         )
 
     @property
