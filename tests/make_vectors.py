@@ -10,7 +10,7 @@ writes the v1 layout of docs/protocol.md independently of the envelope module.
 
 Vectors with codec NONE are byte-exact: any correct implementation that encodes the manifest's
 content the way docs/protocol.md says (msgpack shortest forms, the key orders shown) reproduces them
-bit for bit. The zstd vector depends on the zstd library and level (9), so only its decoded content
+bit for bit. The zstd vector depends on the zstd library and level (12), so only its decoded content
 is golden; `--check` may report it as changed after a zstandard upgrade, which is harmless.
 
 Regenerate only for a deliberate wire change (that is a protocol version bump) or a new vector, and
@@ -266,7 +266,8 @@ def build() -> tuple[dict[str, bytes], dict[str, Any]]:
         "agent",
         Kind.CHANGES,
         encode_changes(batch),
-        "the same batch with codec ZSTD (level 9); its raw body equals changes_none's",
+        "the same batch with codec ZSTD (level 12, capped tables, as seal() sends it); "
+        "its raw body equals changes_none's",
         codec=Codec.ZSTD,
         changes=batch,
         **batch_header,

@@ -11,10 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import zstandard
 from hq_fixtures import FakeWall, Harness, make_changes, raw_header, running_hq, seal_batch
 
 from protocol.change import decode_changes, encode_changes
-from protocol.envelope import MAGIC, VERSION, Kind, packb
+from protocol.envelope import DEFAULT_ZSTD_LEVEL, MAGIC, VERSION, Kind, packb
 from protocol.hlc import system_ms
 from protocol.identity import NodeIdentity
 from protocol.transport import (
@@ -320,3 +321,45 @@ async def test_enrolment_answers_and_error_codes(tmp_path: Path) -> None:
         assert await enrol(big) == (413, "oversize")
         status, body = await enrol({"token": token, "public_key": other})
         assert status == 200 and body["name"]  # a name is optional: HQ picks one
+
+
+# --- 2.2: compression parameters ---------------------------------------------------------------
+
+
+def _zstd_batch(node: NodeIdentity, changes: list[Any], payload: bytes, raw: bytes) -> bytes:
+    first, last = changes[0].seq, changes[-1].seq
+    header = raw_header(node, seq=2, raw=len(raw), codec=1, first=first, last=last)
+    return frame_bytes(node, packb({**header, "count": len(changes)}), payload)
+
+
+async def test_compression_parameters_are_the_documented_ones(tmp_path: Path) -> None:
+    async with running_hq(tmp_path) as hq:
+        node = await hq.enroll()
+        changes = make_changes(node, 1, 300)
+        sealed = seal_batch(node, 1, changes)
+        hlen = struct.unpack_from(">H", sealed, 6)[0]
+        raw = packb(encode_changes(changes))
+        frame = zstandard.get_frame_parameters(sealed[12 + hlen : -64])
+        assert (frame.content_size, frame.dict_id, frame.has_checksum) == (len(raw), 0, False)
+        level = zstandard.ZstdCompressionParameters.from_level(
+            DEFAULT_ZSTD_LEVEL, source_size=len(raw)
+        )
+        assert frame.window_size <= 1 << level.window_log
+        assert await hq.acked(await hq.post(sealed)) == 1
+        # A window over 8 MiB (and over the body) is refused before decompressing: 413.
+        wide = zstandard.ZstdCompressor(
+            compression_params=zstandard.ZstdCompressionParameters(window_log=24)
+        ).compressobj()  # streaming, size unknown: the frame keeps its 16 MiB window
+        more = make_changes(node, 301, 300, key_offset=300)
+        raw = packb(encode_changes(more))
+        payload = wide.compress(raw) + wide.flush()
+        assert zstandard.get_frame_parameters(payload).window_size == 1 << 24
+        await refused(hq, _zstd_batch(node, more, payload, raw), 413, "oversize")
+        # Other senders' choices that stay within the bounds are accepted: a checksum, no
+        # content size, level 19.
+        for compressor in (
+            zstandard.ZstdCompressor(level=19, write_checksum=True),
+            zstandard.ZstdCompressor(level=3, write_content_size=False),
+        ):
+            batch = _zstd_batch(node, more, compressor.compress(raw), raw)
+            assert await hq.acked(await hq.post(batch)) == 2

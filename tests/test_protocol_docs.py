@@ -64,6 +64,8 @@ def test_every_header_key_is_documented_with_its_type() -> None:
         ("SIGNATURE_BYTES", identity.SIGNATURE_BYTES),
         ("PUBLIC_KEY_BYTES", identity.PUBLIC_KEY_BYTES),
         ("DEFAULT_ZSTD_LEVEL", envelope.DEFAULT_ZSTD_LEVEL),
+        ("ZSTD_TABLE_LOG", envelope.ZSTD_TABLE_LOG),
+        ("MAX_ZSTD_WINDOW_BYTES", envelope.MAX_ZSTD_WINDOW_BYTES),
         ("DEFAULT_MAX_DRIFT_MS", hlc.DEFAULT_MAX_DRIFT_MS),
         ("REQUEST_WINDOW_MS", transport.REQUEST_WINDOW_MS),
     ],
