@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
 
-from hq_server.config import HQConfig, HQSection, load_config
-from protocol.collections import load_collections
+from hq_server.app import load_hq_collections
+from hq_server.config import HQConfig, load_config
 from protocol.config import ConfigError, documented_keys
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "hq.example.toml"
@@ -20,11 +20,15 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_example_loads_with_defaults() -> None:
-    config = load_config(EXAMPLE)
-    collections = EXAMPLE.parent / "collections.example.toml"
-    assert config == HQConfig(dataclasses.replace(HQSection(), collections_file=collections))
-    assert "beneficiaries" in load_collections(collections)
+def test_example_copied_alone_loads_with_the_defaults(tmp_path: Path) -> None:
+    """The example says it shows the defaults: a copy in an empty folder (as an operator makes
+    it, /etc/fieldsync/hq.toml) is exactly the defaults, and what HQ loads at start from it (the
+    collections file) loads too."""
+    copy = tmp_path / "hq.toml"
+    shutil.copyfile(EXAMPLE, copy)
+    config = load_config(copy)
+    assert config == HQConfig()
+    assert load_hq_collections(config.hq) is None
     section = config.hq
     assert section.listen == "127.0.0.1:8443"
     assert section.max_batch_bytes == 8 * 1024 * 1024
@@ -33,6 +37,18 @@ def test_example_loads_with_defaults() -> None:
     assert (section.token_ttl_hours, section.log_level) == (72, "info")
     assert section.tls_cert is None
     assert not section.tls
+
+
+def test_example_collections_file_line_works_when_uncommented(tmp_path: Path) -> None:
+    """The commented collections_file line names the example collections file beside it."""
+    text = EXAMPLE.read_text(encoding="utf-8")
+    line = next(ln for ln in text.splitlines() if ln.startswith("# collections_file = "))
+    path = write(tmp_path, f"[hq]\n{line.removeprefix('# ')}\n")
+    shutil.copyfile(EXAMPLE.parent / "collections.example.toml", tmp_path / "collections.toml")
+    for table in EXAMPLE.parent.glob("*.csv"):  # the reference tables it names
+        shutil.copyfile(table, tmp_path / table.name)
+    collections = load_hq_collections(load_config(path).hq)
+    assert collections is not None and "beneficiaries" in collections
 
 
 def test_example_documents_every_key() -> None:
