@@ -176,16 +176,32 @@ def size_problem(fields: Mapping[str, Any]) -> Problem | None:
     return None
 
 
+# Names found valid, remembered (bounded) so that a batch of records with the same fields checks
+# each name once rather than once per change: HQ runs this for every change it ingests.
+_GOOD_NAMES: set[str] = set()
+_GOOD_COLLECTIONS: set[str] = set()
+_REMEMBERED = 10_000
+
+
 def fields_problem(fields: Mapping[Any, Any]) -> Problem | None:
     """The first broken rule among the names, values and size of one change's fields."""
+    good = _GOOD_NAMES
     for name, value in fields.items():
-        if (problem := field_name_problem(name)) is not None:
-            return problem
-        if (problem := value_problem(name, value)) is not None:
+        if type(name) is not str or name not in good:
+            if (problem := field_name_problem(name)) is not None:
+                return problem
+            if len(good) < _REMEMBERED:
+                good.add(name)
+        if type(value) not in _SCALARS and (problem := value_problem(name, value)) is not None:
             return problem
     return size_problem(fields)
 
 
 def change_problem(collection: Any, key: Any, fields: Mapping[Any, Any]) -> Problem | None:
     """The first broken rule of one change: collection, key, then its fields."""
-    return collection_problem(collection) or key_problem(key) or fields_problem(fields)
+    if type(collection) is not str or collection not in _GOOD_COLLECTIONS:
+        if (problem := collection_problem(collection)) is not None:
+            return problem
+        if len(_GOOD_COLLECTIONS) < _REMEMBERED:
+            _GOOD_COLLECTIONS.add(collection)
+    return key_problem(key) or fields_problem(fields)
