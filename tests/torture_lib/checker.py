@@ -181,7 +181,8 @@ def _check_log(history: History, log: list[LogEntry], report: Report) -> None:
     for e in log:
         if e.origin not in origins:
             report.unexpected.append(
-                f"change {e.seq} ({e.op} {e.key}) from {e.origin}, not a torture agent"
+                f"change {e.seq} ({e.op} {e.key}) from {e.origin}, not a torture agent "
+                "(HQ's own correction, if it is not an enrolled node)"
             )
         elif e.op == "delete":
             deletes[(e.origin, e.key)].append(e)

@@ -1,6 +1,7 @@
 """`make torture`: HQ and two agents as real processes, a seeded storm of faults, then the verdict.
 
     python tests/torture.py --cycles 200 [--seed N] [--cycle-s 5.5] [--workdir DIR] [--keep]
+                            [--without KIND ...]
 
 The run: set up HQ (with a files route and a webhook route to a receiver in this process), enrol
 two agents, start them behind fault proxies, start the writers; then `--cycles` cycles, each
@@ -76,7 +77,7 @@ class Torture:
         self.writers: list[Writer] = []
         self.locks: dict[str, asyncio.Lock] = {}
         self.on_purpose: set[str] = set()  # daemons down because a fault put them down
-        self.kinds = set(KIND_WEIGHTS)
+        self.kinds = set(KIND_WEIGHTS) - set(args.without)
         self.session: aiohttp.ClientSession
         self.passed = False
         self.watcher: asyncio.Task[None] | None = None
@@ -387,9 +388,10 @@ async def torture(args: argparse.Namespace, root: Path) -> int:
     print("\nfieldsync torture: verdict")
     print(format_table(report))
     if not report.ok:
+        without = "".join(f" --without {k}" for k in args.without)
         print(
             f"\nreproduce: .venv/bin/python tests/torture.py --cycles {args.cycles} "
-            f"--seed {args.seed} --cycle-s {args.cycle_s:g}; logs and data in {root}"
+            f"--seed {args.seed} --cycle-s {args.cycle_s:g}{without}; logs and data in {root}"
         )
     return 0 if report.ok else 1
 
@@ -402,6 +404,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--drain-s", type=float, default=180.0, help="longest wait for the drain")
     p.add_argument("--workdir", type=Path, default=None, help="run folder (default: a temp one)")
     p.add_argument("--keep", action="store_true", help="keep the run folder even after a PASS")
+    p.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        choices=sorted(KIND_WEIGHTS),
+        help="leave out one kind of fault (repeatable): to tell which nemesis a failure needs",
+    )
     args = p.parse_args(argv)
     if args.cycles < 1 or args.cycle_s <= 0:
         p.error("--cycles and --cycle-s must be positive")
@@ -415,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="fieldsync-torture-"))
     root.mkdir(parents=True, exist_ok=True)
-    say(f"seed {args.seed}; {args.cycles} cycles of {args.cycle_s:g} s; run folder {root}")
+    without = f"; without {', '.join(args.without)}" if args.without else ""
+    say(f"seed {args.seed}; {args.cycles} cycles of {args.cycle_s:g} s{without}; run folder {root}")
     try:
         status = asyncio.run(torture(args, root))
     except RunError as e:
