@@ -183,7 +183,11 @@ def enroll_command(config: AgentConfig, url: str, token: str) -> None:
             await agent.store.set_meta(groups=json.dumps(sorted(enrolment.groups)))
 
     _run(remember_groups())
-    click.echo(f"enrolled node {identity.node_id} as {name!r} with HQ {enrolment.hq_node_id}")
+    # HQ names the node after its enrolment token, not after the name sent.
+    enrolled_as = enrolment.name or name
+    click.echo(
+        f"enrolled node {identity.node_id} as {enrolled_as!r} with HQ {enrolment.hq_node_id}"
+    )
 
 
 @main.command()

@@ -18,6 +18,8 @@ class Enrolment:
     hq_public_key: bytes
     # The node groups HQ gave this node at enrolment; later changes arrive with the feed.
     groups: tuple[str, ...] = ()
+    # The name HQ enrolled this node under: the enrolment token's, whatever name the agent sent.
+    name: str = ""
 
     def save(self, path: Path) -> None:
         """Atomically and durably (see protocol.files)."""
@@ -37,4 +39,5 @@ class Enrolment:
             hq_node_id=data["hq_node_id"],
             hq_public_key=unb64(data["hq_public_key"], f"{path}: hq_public_key"),
             groups=tuple(data.get("groups", ())),
+            name=str(data.get("name", "")),
         )

@@ -264,6 +264,7 @@ async def enroll(
             hq_node_id=str(answer["hq_node_id"]),
             hq_public_key=unb64(str(answer["hq_public_key"]), "hq_public_key"),
             groups=tuple(str(g) for g in answer.get("groups", ())),
+            name=str(answer.get("name", "")),
         )
     except (KeyError, TypeError, ProtocolError) as e:
         raise RejectedError(f"enroll: malformed answer from HQ: {e}") from e

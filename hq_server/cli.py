@@ -48,6 +48,7 @@ from hq_server.store import (
 )
 from protocol.collections import CollectionsConfig
 from protocol.config import ConfigError
+from protocol.files import set_private_umask
 from protocol.identity import NodeIdentity
 from protocol.references import REFERENCES_COLLECTION, read_table, table_record
 from protocol.transport import b64
@@ -141,6 +142,9 @@ _iso = iso_time
 @click.version_option(package_name="fieldsync", prog_name="fieldsync-hq")
 def main() -> None:
     """fieldsync HQ: receive field batches, serve downstream feeds, manage nodes."""
+    # Whatever this process creates is private (0600 files, 0700 folders), as on the agent; the
+    # store and key code set those modes themselves, this covers what a library creates.
+    set_private_umask()
 
 
 @main.command("serve")

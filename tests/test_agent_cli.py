@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +32,6 @@ key = "beneficiary_id"
 [collections.distributions]
 key = "distribution_id"
 """
-
-
-@pytest.fixture(autouse=True)
-def _keep_the_umask() -> Iterator[None]:
-    """`main` makes the process's umask private (issue 9, defect 4); CliRunner runs it in this
-    process, so give the test session its own umask back."""
-    old = os.umask(0o022)
-    os.umask(old)
-    yield
-    os.umask(old)
 
 
 @pytest.fixture

@@ -480,7 +480,9 @@ async def test_https_without_a_trusted_certificate_is_refused(tmp_path: Path, tr
 # ---- enrolment ----------------------------------------------------------------------------------
 
 
-def enroll_app(hq: NodeIdentity, answer_node: str | None = None) -> web.Application:
+def enroll_app(
+    hq: NodeIdentity, answer_node: str | None = None, *, name: str | None = None
+) -> web.Application:
     async def handler(request: web.Request) -> web.Response:
         body = await request.json()
         if body["token"] != "good-token":
@@ -492,6 +494,7 @@ def enroll_app(hq: NodeIdentity, answer_node: str | None = None) -> web.Applicat
                 "hq_node_id": hq.node_id,
                 "hq_public_key": b64(hq.public_key),
                 "hq_time": system_ms(),
+                **({"name": name} if name is not None else {}),
             }
         )
 
@@ -506,6 +509,15 @@ async def test_enroll_pins_hq_and_round_trips_through_hq_json(tmp_path: Path) ->
         url = base_url(server)
         enrolment = await enroll(url + "/", "good-token", identity, "field-1")
     assert enrolment == Enrolment(url, identity.node_id, hq.node_id, hq.public_key)
+    assert_saves_atomically(enrolment, tmp_path)
+
+
+async def test_enroll_keeps_the_name_hq_gave_not_the_one_sent(tmp_path: Path) -> None:
+    """HQ names a node after its enrolment token (issue 9, defect 5); the agent says that name."""
+    identity, hq = NodeIdentity.generate(), NodeIdentity.generate()
+    async with serve(enroll_app(hq, name="kakuma-office")) as server:
+        enrolment = await enroll(base_url(server), "good-token", identity, "laptop-7")
+    assert enrolment.name == "kakuma-office"
     assert_saves_atomically(enrolment, tmp_path)
 
 
