@@ -148,3 +148,20 @@ async def test_content_is_compared_by_value_not_by_encoding(tmp_path: Path) -> N
             (1, 1),
             2,
         )
+
+
+async def test_a_known_batch_seq_with_the_same_stamps_but_other_fields_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The batch digest leaves out the fields (it must match resends of batches stored before it
+    existed), so a reused batch number whose changes differ only in their values is compared
+    change by change against the log: acking it would drop writes HQ never stored."""
+    async with running_hq(tmp_path) as hq:
+        node, sent = await two_batches(hq)
+        other = [
+            replace(c, fields={**c.fields, "note": "written after the restore"}) for c in sent[3:]
+        ]
+        body = await diverged(hq, seal_batch(node, 2, other))
+        assert (body["batch"], body["seqs"]) == (2, [4, 5])
+        # The batch as it was sent is still a duplicate, acked as before.
+        assert await hq.acked(await hq.post(seal_batch(node, 2, sent[3:]))) == 2
