@@ -415,7 +415,7 @@ def test_registered_with_documented_settings() -> None:
     sink_type = SINK_TYPES["webhook"]
     assert sink_type.factory is WebhookSink and sink_type.settings is WebhookSettings
     docs = documented_keys(WebhookSettings)
-    assert set(docs) == {"url", "secret_env", "secret_file", "timeout_s", "ca_bundle"}
+    assert set(docs) == {"url", "secret_env", "secret_file", "timeout_s", "ca_bundle", "signature"}
     assert all(text.strip() for text in docs.values())
 
 

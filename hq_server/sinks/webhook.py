@@ -20,6 +20,16 @@ Headers::
     X-Fieldsync-Timestamp: Unix time in whole seconds when the request was signed
     X-Fieldsync-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body bytes>")>
 
+With `signature = "standard-webhooks"` the request is signed per the Standard Webhooks
+specification (https://www.standardwebhooks.com) instead, so off-the-shelf verifiers (the
+`standardwebhooks` packages, Svix) accept it; the secret is then `whsec_<base64 key>`::
+
+    webhook-id:        the body's idempotency_key (the same on every repeat: dedup on it)
+    webhook-timestamp: Unix time in whole seconds when the request was signed
+    webhook-signature: v1,<base64 HMAC-SHA256(key, "<webhook-id>.<webhook-timestamp>.<body>")>
+
+(Content-Type, Idempotency-Key and X-Fieldsync-Route are sent as well.)
+
 A receiver recomputes the HMAC over the exact bytes it received, compares in constant time
 (`verify_signature` does both) and refuses timestamps older than a few minutes, so a captured
 request cannot be replayed later. Delivery is at least once: a receiver must treat a second request
@@ -33,6 +43,8 @@ Answers: 2xx delivered; 408, 429, 5xx, 3xx and transport failures errored (retri
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import logging
@@ -40,7 +52,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yarl
 
@@ -65,7 +77,7 @@ from hq_server.sinks.http import (
     required_setting,
 )
 from hq_server.sinks.plaintext import Plaintext
-from hq_server.sinks.secrets import Secret, SecretMask, resolve_secret
+from hq_server.sinks.secrets import Secret, SecretError, SecretMask, resolve_secret
 from protocol.config import positive, setting
 
 log = logging.getLogger("fieldsync.sinks.webhook")
@@ -75,6 +87,11 @@ TIMESTAMP_HEADER = "X-Fieldsync-Timestamp"
 ROUTE_HEADER = "X-Fieldsync-Route"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 DEFAULT_TOLERANCE_S = 300
+STANDARD_ID_HEADER = "webhook-id"
+STANDARD_TIMESTAMP_HEADER = "webhook-timestamp"
+STANDARD_SIGNATURE_HEADER = "webhook-signature"
+STANDARD_SECRET_PREFIX = "whsec_"
+MIN_STANDARD_KEY_BYTES = 24  # the specification's lower bound for a secret key
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,13 @@ class WebhookSettings:
         None,
         "PEM file of extra certificate authorities to trust for https:// URLs (e.g. an "
         "internal CA). Verification itself cannot be turned off.",
+    )
+    signature: Literal["fieldsync", "standard-webhooks"] = setting(
+        "fieldsync",
+        'How requests are signed: "fieldsync" (X-Fieldsync-Timestamp and X-Fieldsync-Signature, '
+        'hex HMAC-SHA256) or "standard-webhooks" (the Standard Webhooks webhook-id, '
+        "webhook-timestamp and webhook-signature headers, verifiable with the standardwebhooks "
+        "libraries; the secret must then be whsec_ followed by a base64 key of at least 24 bytes).",
     )
 
     def __post_init__(self) -> None:
@@ -141,6 +165,33 @@ def verify_signature(
     return hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
+def standard_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret `whsec_<base64>`; ValueError naming the rule."""
+    if not secret.startswith(STANDARD_SECRET_PREFIX):
+        raise ValueError(
+            'signature = "standard-webhooks" needs a secret of the form whsec_<base64 key> '
+            "(e.g. made with: python -c \"import base64, secrets; print('whsec_' + "
+            'base64.b64encode(secrets.token_bytes(32)).decode())")'
+        )
+    encoded = secret[len(STANDARD_SECRET_PREFIX) :]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError("the whsec_ secret is not valid base64 after the prefix") from e
+    if len(key) < MIN_STANDARD_KEY_BYTES:
+        raise ValueError(
+            f"the whsec_ key is {len(key)} bytes; Standard Webhooks keys are at least "
+            f"{MIN_STANDARD_KEY_BYTES}"
+        )
+    return key
+
+
+def standard_signature(key: bytes, msg_id: str, timestamp: str, body: bytes) -> str:
+    """The webhook-signature value: `v1,` + base64 HMAC-SHA256 of "<id>.<timestamp>." + body."""
+    digest = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode("ascii")
+
+
 def webhook_body(item: Outgoing) -> dict[str, Any]:
     """The JSON document POSTed for `item` (the shape is documented in the module docstring)."""
     return {
@@ -169,6 +220,12 @@ class WebhookSink:
         if secret is None:  # __post_init__ guarantees one is configured; keep mypy and -O honest
             raise ValueError("webhook signing secret is not configured")
         self._secret: Secret = secret
+        self._standard_key: bytes | None = None
+        if settings.signature == "standard-webhooks":
+            try:
+                self._standard_key = standard_key(secret.value)
+            except ValueError as e:
+                raise SecretError(f"webhook signing secret: {e}") from e
         self._clock = clock
         self._url = yarl.URL(settings.url)
         self._http = HttpClient(
@@ -177,6 +234,8 @@ class WebhookSink:
             secrets=(secret,),
             wall=clock,
         )
+        if self._standard_key is not None:  # the key without its prefix is a secret too
+            self._http.add_secret(Secret(secret.value[len(STANDARD_SECRET_PREFIX) :]))
 
     @property
     def mask(self) -> SecretMask:
@@ -205,9 +264,16 @@ class WebhookSink:
             "Content-Type": JSON_CONTENT_TYPE,
             IDEMPOTENCY_HEADER: item.idempotency_key,
             ROUTE_HEADER: item.route,
-            TIMESTAMP_HEADER: timestamp,
-            SIGNATURE_HEADER: sign(self._secret.value.encode("utf-8"), timestamp, body),
         }
+        if self._standard_key is not None:
+            headers[STANDARD_ID_HEADER] = item.idempotency_key
+            headers[STANDARD_TIMESTAMP_HEADER] = timestamp
+            headers[STANDARD_SIGNATURE_HEADER] = standard_signature(
+                self._standard_key, item.idempotency_key, timestamp, body
+            )
+        else:
+            headers[TIMESTAMP_HEADER] = timestamp
+            headers[SIGNATURE_HEADER] = sign(self._secret.value.encode("utf-8"), timestamp, body)
         try:
             answer, _ = await self._http.exchange("POST", self._url, headers=headers, data=body)
         except TransportError as e:
