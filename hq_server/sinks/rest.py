@@ -17,7 +17,7 @@ Authentication, exactly one of:
 - an API key: sent verbatim in the header `api_key_header` (for `Authorization`, store the whole
   value, e.g. `Bearer abc...`, as the secret);
 - OAuth 2.0 client credentials (RFC 6749 section 4.4): a token is fetched from `token_url` on first
-  use, cached until shortly before it expires and reused for every item; a 401 from the API drops
+  use (with `scope`, `audience` and one RFC 8707 `resource` parameter per resource, if set), cached until shortly before it expires and reused for every item; a 401 from the API drops
   it and fetches a new one, once per item -- a second 401 leaves the item ERRORED as "target down"
   (the credentials, not the item, are at fault, so it must not be dead-lettered). Any failure of
   the token endpoint is "target down" for the same reason.
@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, urlencode
 
 import orjson
 import yarl
@@ -72,6 +72,7 @@ KEY_PLACEHOLDER = "{key}"
 # Refresh a cached token this long before it expires (at most a tenth of its lifetime), so a
 # token never expires between the check and the request.
 _EXPIRY_MARGIN_S = 30.0
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 
 def _url_template(value: Any) -> str | None:
@@ -94,6 +95,20 @@ def _header_name(value: Any) -> str | None:
 
 def _non_empty(value: Any) -> str | None:
     return None if str(value).strip() else "must not be empty"
+
+
+def _resource_uris(value: Any) -> str | None:
+    """RFC 8707 section 2: each resource is an absolute URI without a fragment."""
+    for i, text in enumerate(value):
+        try:
+            url = yarl.URL(str(text))
+        except (ValueError, TypeError):
+            return f"item {i} must be an absolute URI"
+        if not url.is_absolute() or not url.scheme:
+            return f"item {i} must be an absolute URI, e.g. https://api.example.org/"
+        if url.fragment or "#" in str(text):
+            return f"item {i} must not contain a #fragment (RFC 8707)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -149,6 +164,18 @@ class RestSettings:
     scope: str | None = setting(
         None, "OAuth 2.0 scope to request (space-separated); not set: the server's default."
     )
+    audience: str | None = setting(
+        None,
+        "OAuth 2.0: the audience parameter sent to the token endpoint (the API the token is "
+        "for), as identity providers such as Auth0 or Okta require; not set: not sent.",
+        _non_empty,
+    )
+    resource: list[str] = setting(
+        [],
+        "OAuth 2.0 resource indicators (RFC 8707): absolute URIs of the APIs the token is for, "
+        "each sent as a resource parameter to the token endpoint; empty: none sent.",
+        _resource_uris,
+    )
     token_auth: Literal["basic", "post"] = setting(
         "basic",
         'How the client authenticates to the token endpoint: "basic" (HTTP Basic, which every '
@@ -183,6 +210,8 @@ class RestSettings:
                 self.client_secret_env,
                 self.client_secret_file,
                 self.scope,
+                self.audience,
+                self.resource,
             )
         )
         if api_key and oauth:
@@ -242,6 +271,8 @@ class ClientCredentials:
         self._client_id = settings.client_id
         self._client_secret = client_secret
         self._scope = settings.scope
+        self._audience = settings.audience
+        self._resource = tuple(settings.resource)
         self._basic = settings.token_auth == "basic"
         self._clock = clock
         self._token: Secret | None = None
@@ -265,23 +296,26 @@ class ClientCredentials:
             self._token = None
 
     async def _fetch(self) -> tuple[Secret, float | None]:
-        form = {"grant_type": "client_credentials"}
+        form = [("grant_type", "client_credentials")]
         if self._scope:
-            form["scope"] = self._scope
-        headers = {"Accept": "application/json"}
+            form.append(("scope", self._scope))
+        if self._audience:
+            form.append(("audience", self._audience))
+        form += [("resource", uri) for uri in self._resource]  # RFC 8707: one per resource
+        headers = {"Accept": "application/json", "Content-Type": FORM_CONTENT_TYPE}
         if self._basic:
             # RFC 6749 2.3.1: id and secret are form-encoded before the Basic encoding.
             pair = f"{quote_plus(self._client_id)}:{quote_plus(self._client_secret.value)}"
             headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
         else:
-            form.update(client_id=self._client_id, client_secret=self._client_secret.value)
+            form += [("client_id", self._client_id), ("client_secret", self._client_secret.value)]
         started = self._clock()
         try:
             answer, body = await self._http.exchange(
                 "POST",
                 self._token_url,
                 headers=headers,
-                data=form,
+                data=urlencode(form).encode("ascii"),
             )
         except (TransportError, RequestError) as e:
             raise TokenError(f"token endpoint: {e}") from e
