@@ -126,7 +126,9 @@ async def _outcome_middleware(
         except ProtocolError as e:
             fields.setdefault("result", e.code)
             fields["reason"] = str(e)
-            response = _json_error(e.http_status, e.code, str(e))
+            # A refused change also says which batch, change, rule and field, as data.
+            details = getattr(e, "details", None)
+            response = _json_error(e.http_status, e.code, str(e), **(details or {}))
         except web.HTTPException as e:
             code = e.reason.lower().replace(" ", "_")
             fields.setdefault("result", code)
@@ -415,7 +417,9 @@ def create_app(config: HQConfig, *, wall: Callable[[], int] = system_ms) -> web.
                 store=store,
                 identity=identity,
                 clock=clock,
-                ingestor=Ingestor(store, identity, clock, max_raw=section.max_raw_bytes),
+                ingestor=Ingestor(
+                    store, identity, clock, max_raw=section.max_raw_bytes, collections=collections
+                ),
                 feed=FeedService(
                     store,
                     identity,
